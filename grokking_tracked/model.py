@@ -1,0 +1,162 @@
+"""The grokking transformer: attention + MLP blocks, ReLU, no LayerNorm by default (Nanda et al. 2023).
+
+Built on TransformerLens's ``HookedRootModule`` and ``HookPoint`` because TransformerLens 4 removed
+``HookedTransformer``; hook and weight names follow HookedTransformer's (``hook_embed``,
+``blocks.0.attn.hook_pattern``, ``blocks.0.mlp.hook_post``, ``embed.W_E``, ``unembed.W_U`` …) so analysis
+code reads like every TransformerLens notebook and ``run_with_cache`` works unchanged.
+
+``forward(tokens, last_only=True)`` is the training path: the loss reads only the last position, so the
+final block needs its query, MLP and unembedding there alone (keys and values still see every position).
+It returns exactly the last-position logits of the full forward, with about half the FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from .config import Config
+
+
+def _normal(*shape: int, std: float) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * std)
+
+
+class Embed(nn.Module):
+    def __init__(self, d_vocab: int, d_model: int):
+        super().__init__()
+        self.W_E = _normal(d_vocab, d_model, std=1 / math.sqrt(d_model))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.W_E[tokens]
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, n_ctx: int, d_model: int):
+        super().__init__()
+        self.W_pos = _normal(n_ctx, d_model, std=1 / math.sqrt(d_model))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.W_pos[: tokens.shape[-1]].expand(tokens.shape[0], -1, -1)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())
+        return self.hook_normalized(x / scale) * self.w + self.b
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        h, d, e = config.n_heads, config.d_model, config.d_head
+        std = 1 / math.sqrt(d)
+        self.W_Q, self.W_K, self.W_V = (_normal(h, d, e, std=std) for _ in range(3))
+        self.W_O = _normal(h, e, d, std=std)
+        self.register_buffer("causal_mask", torch.tril(torch.ones(config.n_ctx, config.n_ctx, dtype=torch.bool)),
+                             persistent=False)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, resid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """resid: (batch, pos, d_model). With last_only, queries (and the output) are the last position's."""
+        query_resid = resid[:, -1:] if last_only else resid
+        q = self.hook_q(einsum(query_resid, self.W_Q, "b q d, h d e -> b q h e"))
+        k = self.hook_k(einsum(resid, self.W_K, "b k d, h d e -> b k h e"))
+        v = self.hook_v(einsum(resid, self.W_V, "b k d, h d e -> b k h e"))
+        scores = einsum(q, k, "b q h e, b k h e -> b h q k") / math.sqrt(q.shape[-1])
+        if not last_only:  # the last position attends to every position: no mask needed there
+            n = resid.shape[1]
+            scores = scores.masked_fill(~self.causal_mask[:n, :n], float("-inf"))
+        pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
+        z = self.hook_z(einsum(pattern, v, "b h q k, b k h e -> b q h e"))
+        return einsum(z, self.W_O, "b q h e, h e d -> b q d")
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.W_in = _normal(config.d_model, config.d_mlp, std=1 / math.sqrt(config.d_model))
+        self.b_in = nn.Parameter(torch.zeros(config.d_mlp))
+        self.W_out = _normal(config.d_mlp, config.d_model, std=1 / math.sqrt(config.d_model))
+        self.b_out = nn.Parameter(torch.zeros(config.d_model))
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        post = self.hook_post(F.relu(self.hook_pre(x @ self.W_in + self.b_in)))
+        return post @ self.W_out + self.b_out
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        use_ln = config.normalization == "ln"
+        self.ln1 = LayerNorm(config.d_model) if use_ln else nn.Identity()
+        self.ln2 = LayerNorm(config.d_model) if use_ln else nn.Identity()
+        self.attn = Attention(config)
+        self.mlp = MLP(config)
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
+
+    def forward(self, resid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        resid = self.hook_resid_pre(resid)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), last_only=last_only))
+        resid = self.hook_resid_mid((resid[:, -1:] if last_only else resid) + attn_out)
+        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+
+
+class Unembed(nn.Module):
+    def __init__(self, d_model: int, d_vocab_out: int):
+        super().__init__()
+        self.W_U = _normal(d_model, d_vocab_out, std=1 / math.sqrt(d_vocab_out))
+
+    def forward(self, resid: torch.Tensor) -> torch.Tensor:
+        return resid @ self.W_U
+
+
+class GrokkingTransformer(HookedRootModule):
+    """Input (batch, 3) tokens [a, b, =]; output logits over the p residues (batch, pos, p)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.embed = Embed(config.d_vocab, config.d_model)
+            self.pos_embed = PosEmbed(config.n_ctx, config.d_model)
+            self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+            self.ln_final = LayerNorm(config.d_model) if config.normalization == "ln" else nn.Identity()
+            self.unembed = Unembed(config.d_model, config.p)
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.setup()  # names every HookPoint after its module path, as HookedTransformer does
+
+    def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Full forward: (batch, pos, p) logits. last_only: (batch, p) logits of the last position only."""
+        resid = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
+        *early, final = self.blocks
+        for block in early:
+            resid = block(resid)
+        resid = final(resid, last_only=last_only)
+        logits = self.unembed(self.ln_final(resid))
+        return logits[:, -1] if last_only else logits
+
+
+def cross_entropy_high_precision(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy with log-softmax in float64: at train losses near 1e-7, float32 rounding
+    distorts the gradient (as TransformerLens's grokking demo notes)."""
+    log_probs = logits.to(torch.float64).log_softmax(dim=-1)
+    return -log_probs.gather(-1, labels[:, None]).mean()
