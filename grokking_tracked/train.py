@@ -32,6 +32,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class TrainingStopped(Exception):
+    """Raised by a callback to end training on purpose before its budget (e.g. a pruned Optuna trial)."""
+
+
 class Callback:
     """Hooks a tracker or notebook can implement; every method is optional."""
 
@@ -258,6 +262,6 @@ class Trainer:
         if self.step >= stop_at and (not self.history or self.history[-1][0] != self.step):
             self._evaluate_and_emit()  # resumed exactly at the end: make sure the last state is measured
         result = TrainResult(self.history, list(self.detector.events), self.step, time.perf_counter() - started,
-                             "generalized" if stop_at < config.max_steps else "max_steps")
+                             "generalized" if self.detector.step_of("generalization") is not None else "max_steps")
         self._emit("on_train_end", result)
         return result
