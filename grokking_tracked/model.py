@@ -16,7 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import einsum
+from einops import rearrange
 from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -72,19 +72,46 @@ class Attention(nn.Module):
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
 
-    def forward(self, resid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """resid: (batch, pos, d_model). With last_only, queries (and the output) are the last position's."""
-        query_resid = resid[:, -1:] if last_only else resid
-        q = self.hook_q(einsum(query_resid, self.W_Q, "b q d, h d e -> b q h e"))
-        k = self.hook_k(einsum(resid, self.W_K, "b k d, h d e -> b k h e"))
-        v = self.hook_v(einsum(resid, self.W_V, "b k d, h d e -> b k h e"))
-        scores = einsum(q, k, "b q h e, b k h e -> b h q k") / math.sqrt(q.shape[-1])
+    def forward(self, resid: torch.Tensor | None, last_only: bool = False,
+                table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """resid: (batch, pos, d_model). With last_only, queries (and the output) are the last position's.
+
+        table = (rows, index): the input at [b, pos] is rows[index[b, pos]] (resid is then unused). The
+        first block's input is an embedding, which takes one of n_ctx · d_vocab values, so projecting those
+        few rows and gathering replaces a (batch · pos, d) @ (d, 3·h·e) matmul by a (n_ctx · d_vocab) one.
+
+        Layout chosen for speed on small models (measured, benchmarks/speed.py): one (d, 3·h·e) matmul for
+        queries, keys and values instead of three einsums. The parameters keep HookedTransformer's
+        (h, d, e) shapes and the hooks see HookedTransformer's shapes.
+        """
+        h, e = self.W_Q.shape[0], self.W_Q.shape[2]
+        w_qkv = rearrange([self.W_Q, self.W_K, self.W_V], "three h d e -> d (three h e)")
+        if table is not None:
+            rows, index = table
+            projected = rows @ w_qkv
+
+            def project(positions: slice, columns: slice) -> torch.Tensor:
+                return F.embedding(index[:, positions], projected[:, columns])
+        else:
+            def project(positions: slice, columns: slice) -> torch.Tensor:
+                return resid[:, positions] @ w_qkv[:, columns]
+        everything = slice(None)
+        if last_only:  # keys and values at every position, the query at the last one only
+            kv = project(everything, slice(h * e, None))
+            k, v = rearrange(kv, "b k (two h e) -> two b k h e", two=2, h=h)
+            q = rearrange(project(slice(-1, None), slice(0, h * e)), "b q (h e) -> b q h e", h=h)
+        else:
+            q, k, v = rearrange(project(everything, everything), "b p (three h e) -> three b p h e", three=3, h=h)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        # With 3 positions, batched matmuls of 3×e matrices pay per-matrix overhead; a broadcast multiply and
+        # sum over e does the same arithmetic about 2× faster forward and backward (measured on CPU).
+        scores = rearrange((q[:, :, None] * k[:, None]).sum(-1), "b q k h -> b h q k") / math.sqrt(e)
         if not last_only:  # the last position attends to every position: no mask needed there
-            n = resid.shape[1]
+            n = k.shape[1]
             scores = scores.masked_fill(~self.causal_mask[:n, :n], float("-inf"))
         pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
-        z = self.hook_z(einsum(pattern, v, "b h q k, b k h e -> b q h e"))
-        return einsum(z, self.W_O, "b q h e, h e d -> b q d")
+        z = self.hook_z((rearrange(pattern, "b h q k -> b q k h 1") * v[:, None]).sum(2))  # (b, q, h, e)
+        return z.flatten(-2) @ self.W_O.flatten(0, 1)
 
 
 class MLP(nn.Module):
@@ -112,9 +139,16 @@ class TransformerBlock(nn.Module):
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, resid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, resid: torch.Tensor, last_only: bool = False,
+                table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """table: the distinct input rows and each position's row (see Attention.forward)."""
         resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), last_only=last_only))
+        if table is None:
+            attn_out = self.attn(self.ln1(resid), last_only=last_only)
+        else:
+            rows, index = table
+            attn_out = self.attn(None, last_only=last_only, table=(self.ln1(rows), index))
+        attn_out = self.hook_attn_out(attn_out)
         resid = self.hook_resid_mid((resid[:, -1:] if last_only else resid) + attn_out)
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
@@ -147,10 +181,15 @@ class GrokkingTransformer(HookedRootModule):
     def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Full forward: (batch, pos, p) logits. last_only: (batch, p) logits of the last position only."""
         resid = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
-        *early, final = self.blocks
-        for block in early:
-            resid = block(resid)
-        resid = final(resid, last_only=last_only)
+        table = None
+        if last_only:  # the training path: the first block projects its few distinct input rows (see Attention)
+            n = tokens.shape[-1]
+            rows = rearrange(self.embed.W_E, "v d -> 1 v d") + self.pos_embed.W_pos[:n, None]  # (pos, vocab, d)
+            offsets = torch.arange(n, device=tokens.device) * self.config.d_vocab
+            table = (rows.flatten(0, 1), tokens + offsets)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            resid = block(resid, last_only=last_only and i == last, table=table if i == 0 else None)
         logits = self.unembed(self.ln_final(resid))
         return logits[:, -1] if last_only else logits
 
