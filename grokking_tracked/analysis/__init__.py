@@ -1,0 +1,32 @@
+"""Mechanistic analysis over training checkpoints (imports neither mlflow nor optuna).
+
+- ``checkpoints``: safe loading (``weights_only=True``) and model reconstruction, one-line errors.
+- ``mechanics``: attention patterns, activation statistics, gradient flow, weight evolution (TransformerLens hooks).
+- ``fourier``: Nanda et al. 2023 progress measures (Fourier spectrum, key frequencies, restricted/excluded
+  loss, Gini, total weight norm), with the discrete-log basis for mul/div.
+- ``report``: ``analyze_checkpoints`` (figures + ``summary.json``) and ``compare_figure``.
+
+Names are imported lazily so that ``from grokking_tracked.analysis import CheckpointError`` stays cheap
+for the CLI's error paths (transformer_lens takes seconds to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "checkpoints",
+    "load_checkpoint": "checkpoints",
+    "model_from_checkpoint": "checkpoints",
+    "find_checkpoints": "checkpoints",
+    "analyze_checkpoints": "report",
+    "compare_figure": "report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

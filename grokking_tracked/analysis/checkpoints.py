@@ -1,0 +1,104 @@
+"""Safe checkpoint loading: ``torch.load(weights_only=True)`` only, and one-line errors.
+
+Checkpoints may come from a tracking server, i.e. from anyone: a full unpickle would run whatever a
+crafted file asks for. ``weights_only=True`` makes torch's restricted unpickler refuse every global that
+is not a tensor or a plain container, before anything is called.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line fit for stderr."""
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict written by ``torch.save(trainer.state_dict(), path)`` without unsafe unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's restricted unpickler names any global it refuses (e.g. "GLOBAL posix.system"); other
+        # unpickling errors (e.g. "Unsupported operand") mean the bytes are not a pickle at all.
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused:
+            raise CheckpointError(
+                f"checkpoint {path.name} refused: it asks to unpickle {refused.group(1)}, which needs unsafe "
+                "loading (only tensors and plain containers are accepted)") from None
+        raise CheckpointError(f"checkpoint {path.name} is corrupt: not a torch checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError,
+            IndexError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path.name} is corrupt or truncated: {_one_line(error)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(
+            state.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path.name} is not a grokking-tracked checkpoint "
+                              "(expected a dict with 'config' and 'model')")
+    return state
+
+
+def config_from_checkpoint(state: dict[str, Any]):
+    from ..config import Config, ConfigError
+
+    try:
+        return Config.from_dict(state["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint has an invalid config: {error}") from None
+
+
+def model_from_checkpoint(state: dict[str, Any], config=None):
+    """Rebuild a ``GrokkingTransformer`` (CPU, eval mode) from a loaded checkpoint.
+
+    ``config`` (optional): the config the caller expects (e.g. the run's ``config.json`` or the first
+    checkpoint's); a checkpoint of another model shape is refused with ``CheckpointError``.
+    """
+    from ..model import GrokkingTransformer
+
+    own = config_from_checkpoint(state)
+    if config is not None:
+        for name in ("p", "d_model", "n_layers", "n_heads", "d_mlp", "normalization", "operation"):
+            if getattr(own, name) != getattr(config, name):
+                raise CheckpointError(f"checkpoint at step {state.get('step', '?')} has another model shape: "
+                                      f"{name}={getattr(own, name)!r}, expected {getattr(config, name)!r}")
+    model = GrokkingTransformer(own)
+    expected = model.state_dict()
+    weights = state["model"]
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint at step {state.get('step', '?')} does not match its config: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(expected[name].shape):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointError(f"checkpoint at step {state.get('step', '?')} has another model shape than "
+                                  f"its config: {name} is {shape}, config expects {tuple(expected[name].shape)}")
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def find_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, path)]`` of the ``step_NNNNNN.pt`` files in a directory, sorted by step."""
+    found = []
+    for path in Path(directory).rglob("step_*.pt"):
+        match = _STEP_FILE.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
