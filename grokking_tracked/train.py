@@ -8,6 +8,7 @@ tracker, a study or a notebook wants arrives through ``Callback`` methods.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
     return device
+
+
+def set_threads_from_env() -> None:
+    """Experimental switch GROKKING_TORCH_THREADS=N: torch intra-op threads. On 2 shared cores the small ops of
+    this model run several times faster on 1 thread than on 2 when other processes compete (benchmarks/speed.py)."""
+    threads = os.environ.get("GROKKING_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 class TrainingStopped(Exception):
@@ -117,6 +126,7 @@ class Trainer:
     def __init__(self, config: Config, callbacks: list[Callback] | tuple = (), progress: bool = True,
                  data: ModularData | None = None):
         self.config = config.validate()
+        set_threads_from_env()
         self.callbacks = list(callbacks)
         self.progress = progress
         self.device = resolve_device(config.device)
