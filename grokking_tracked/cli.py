@@ -1,0 +1,157 @@
+"""``grokking-tracked``: thin click commands that parse options and call the library.
+
+Heavy modules (torch, mlflow, transformer_lens) are imported inside the commands so that ``--help``
+and input errors answer at once. Every error a user can cause ends as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, WD_SCHEDULES, Config, ConfigError
+
+TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite + artifacts under ./mlruns/)."
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one line."""
+
+
+def tracking_uri_option(f):
+    return click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_URI_HELP)(f)
+
+
+def parse_assignments(pairs: tuple[str, ...]) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {pair!r}")
+        values[key.strip().replace("-", "_")] = value.strip()
+    return values
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="grokking-tracked")
+def cli() -> None:
+    """Grokking experiments on modular arithmetic, tracked in MLflow, searched with Optuna."""
+
+
+@cli.command()
+@click.option("--preset", default="default", show_default=True, type=click.Choice(sorted(PRESETS)),
+              help="Starting configuration; every option below overrides it.")
+@click.option("--p", "p", type=int, help="Modulus (prime for div).")
+@click.option("--operation", type=click.Choice(OPERATIONS))
+@click.option("--train-frac", type=float, help="Fraction of all (a, b) pairs used for training.")
+@click.option("--data-seed", type=int)
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--seed", type=int, help="Model initialisation seed.")
+@click.option("--d-model", type=int)
+@click.option("--d-mlp", type=int)
+@click.option("--n-heads", type=int)
+@click.option("--n-layers", type=int)
+@click.option("--max-steps", type=int)
+@click.option("--eval-every", type=int)
+@click.option("--checkpoint-every", type=int, help="Periodic checkpoint interval in steps (0: events and final only).")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES))
+@click.option("--wd-schedule", type=click.Choice(WD_SCHEDULES))
+@click.option("--curriculum/--no-curriculum", default=None, help="Grow the training set from easy to hard examples.")
+@click.option("--grokfast-alpha", type=float)
+@click.option("--grokfast-lambda", type=float, help="Grokfast EMA gradient filter strength (0: off).")
+@click.option("--stop-on-grok/--no-stop-on-grok", default=None,
+              help="Stop a short margin after generalisation (default: on).")
+@click.option("--device", type=click.Choice(DEVICES), help="auto picks CUDA when available.")
+@click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE", help="Override any config field.")
+@click.option("--experiment", default="grokking", show_default=True, help="MLflow experiment name.")
+@click.option("--run-name", default=None, help="MLflow run name.")
+@click.option("--resume", "resume_run_id", default=None, metavar="RUN_ID",
+              help="Continue this run from its last checkpoint (same MLflow run).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@tracking_uri_option
+def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: str | None,
+        resume_run_id: str | None, progress: bool, tracking_uri: str | None, **options: Any) -> None:
+    """Train one tracked grokking experiment and print its MLflow run id."""
+    overrides = {k: v for k, v in options.items() if v is not None}
+    overrides.update(parse_assignments(assignments))
+    if resume_run_id:
+        unsupported = sorted(set(overrides) - {"max_steps"})
+        if unsupported or preset != "default":
+            raise UserError("--resume continues a run with its own config; only --max-steps may be given "
+                            f"(got {', '.join('--' + k.replace('_', '-') for k in unsupported) or '--preset'})")
+        from .tracking import resume_experiment
+
+        outcome = resume_experiment(resume_run_id, tracking_uri, progress=progress,
+                                    max_steps=overrides.get("max_steps"))
+    else:
+        from .config import preset as make_preset
+
+        config = make_preset(preset, **overrides)  # validated before anything heavy loads
+        from .tracking import run_experiment
+
+        outcome = run_experiment(config, tracking_uri, experiment=experiment, run_name=run_name, progress=progress,
+                                 tags={"grokking_tracked.preset": preset},
+                                 on_run_started=lambda run_id: click.echo(f"started MLflow run {run_id}", err=True))
+    click.echo(f"run id: {outcome.run_id}")
+    click.echo(outcome.summary())
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (127.0.0.1 keeps it private).")
+@click.option("--port", default=5000, show_default=True, type=int)
+@tracking_uri_option
+def ui(host: str, port: int, tracking_uri: str | None) -> None:
+    """Serve the MLflow UI over the project's store."""
+    from .tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"{uri} is a tracking server already: open it in a browser")
+    command = ["mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri == resolve_tracking_uri(None):  # the embedded store keeps its artifacts beside the database
+        command += ["--default-artifact-root", os.path.abspath("mlruns")]
+    click.echo(f"MLflow UI on http://{host}:{port} over {uri}", err=True)
+    os.execvp(command[0], command)
+
+
+def _on_sigterm(signum, frame):
+    # Turn SIGTERM into an exception so the open MLflow run ends KILLED instead of staying RUNNING.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="grokking-tracked", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("grokking-tracked: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"grokking-tracked: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("grokking-tracked: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if not _is_user_error(exc) and os.environ.get("GROKKING_TRACKED_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        prefix = "" if _is_user_error(exc) else f"{type(exc).__name__}: "
+        click.echo(f"grokking-tracked: error: {prefix}{message}", err=True)
+        sys.exit(1)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"UserError", "ConfigError", "TrackingError", "CheckpointError", "StudyError"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""MLflow adapter: a training run as an MLflow run, and back.
+
+Everything MLflow-specific lives here: where the store is, run life cycle (no run is ever left RUNNING
+by an error we can catch), params, step-indexed metrics logged asynchronously so the training loop
+never waits on HTTP, detection events, checkpoints and figures as artifacts, and fetching them back
+for ``--resume`` and ``analyze``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+
+from . import figures
+from .config import Config
+from .train import Callback, Trainer, TrainingStopped, TrainResult
+
+METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm", "lr")
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_EXPERIMENT = "grokking"
+
+
+class TrackingError(RuntimeError):
+    """A user-facing tracking problem (unreachable server, unknown run, missing artifact); one line."""
+
+
+# ---------------------------------------------------------------------------------------------- store
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded store: SQLite + artifacts under ./mlruns/."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = Path("mlruns").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store}/mlflow.db"
+
+
+def connect(uri: str | None = None) -> MlflowClient:
+    """A client for the store; a remote server is probed first so an unreachable one fails in seconds."""
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        # MLflow retries 7 times with exponential back-off by default: minutes before an error.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({type(exc).__name__})") from None
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another worker created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"no MLflow run with id {run_id!r} at {client.tracking_uri}") from None
+
+
+def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+    client.set_terminated(run_id, status=status)
+
+
+def status_for(exc: BaseException) -> str:
+    """KILLED for interruptions (Ctrl-C, SIGTERM, a pruned trial), FAILED for errors."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, TrainingStopped)):
+        return RunStatus.to_string(RunStatus.KILLED)
+    return RunStatus.to_string(RunStatus.FAILED)
+
+
+# ---------------------------------------------------------------------------------------------- logging
+def config_params(config: Config) -> list[Param]:
+    return [Param(k, str(v)) for k, v in config.to_dict().items()]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_DIR}/step_{step:07d}.pt"
+
+
+class MlflowTracker(Callback):
+    """Logs a Trainer into one MLflow run.
+
+    Metrics go through MLflow's asynchronous logging (a background queue), so an evaluation costs the
+    training loop microseconds even against a remote server. After ``--resume``, evaluations at steps
+    already in the run (``replay_until``) are not logged again: every step appears exactly once.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, replay_until: int = -1, log_figures: bool = True):
+        self.client, self.run_id = client, run_id
+        self.replay_until = replay_until
+        self.log_figures = log_figures
+        self._pending = []
+        self._scratch = tempfile.TemporaryDirectory(prefix="grokking-tracked-")
+
+    def on_eval(self, trainer: Trainer, step: int, metrics: dict, events: list[dict]) -> None:
+        if step <= self.replay_until:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        batch += [Metric(f"{event['event']}_step", float(event["step"]), now, step) for event in events]
+        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        if events:  # rare (at most three times a run): logged at once so a UI watcher sees them arrive
+            self.client.log_dict(self.run_id, trainer.detector.events, "events.json")
+            if any(event["event"] == "generalization" for event in events):
+                self.client.set_tag(self.run_id, "grokked", "true")
+
+    def on_checkpoint(self, trainer: Trainer, step: int, reasons: list[str]) -> None:
+        path = Path(self._scratch.name) / Path(checkpoint_name(step)).name
+        torch.save(trainer.state_dict(), path)
+        self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
+        path.unlink()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        self.flush()
+        self.client.log_dict(self.run_id, result.events, "events.json")
+        self.client.set_tag(self.run_id, "grokked", "true" if result.grokked else "false")
+        if self.log_figures:
+            log_run_figures(self.client, self.run_id, trainer, result)
+        self._scratch.cleanup()
+
+
+def log_run_figures(client: MlflowClient, run_id: str, trainer: Trainer, result: TrainResult) -> None:
+    title = (f"{trainer.config.operation} mod {trainer.config.p}, train fraction {trainer.config.train_frac}, "
+             f"lr {trainer.config.lr:g}, wd {trainer.config.weight_decay:g}")
+    for name, fig in (("learning_curves", figures.learning_curves(result.history, result.events, title)),
+                      ("norms", figures.norm_curves(result.history, result.events)),
+                      ("attention", figures.attention_heatmap(trainer.model, trainer.config.p))):
+        client.log_figure(run_id, fig, f"figures/{name}.png")
+        figures.plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- run / resume
+@dataclass
+class ExperimentResult:
+    run_id: str
+    result: TrainResult
+    tracking_uri: str
+
+    @property
+    def history(self) -> list[tuple[int, dict]]:
+        return self.result.history
+
+    def history_frame(self):
+        """The metric history as a pandas DataFrame indexed by step."""
+        import pandas as pd
+
+        return pd.DataFrame([{"step": s, **m} for s, m in self.history]).set_index("step")
+
+    def summary(self) -> str:
+        mem, gen = self.result.step_of("memorization"), self.result.step_of("generalization")
+        return (f"memorized at step {mem if mem is not None else '-'}, "
+                f"generalized at step {gen if gen is not None else '- (not within the budget)'}, "
+                f"{self.result.final_step} steps in {self.result.train_seconds:.1f} s")
+
+
+def _train_in_run(client: MlflowClient, run_id: str, trainer: Trainer, tracker: MlflowTracker) -> TrainResult:
+    """Train inside an open run; whatever happens, the run leaves RUNNING."""
+    try:
+        result = trainer.train()
+    except BaseException as exc:
+        try:
+            tracker.flush()
+        finally:
+            end_run(client, run_id, status_for(exc))
+        raise
+    end_run(client, run_id, "FINISHED")
+    return result
+
+
+def run_experiment(config: Config, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                   run_name: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
+                   callbacks: Iterable[Callback] = (), progress: bool = True,
+                   on_run_started: Callable[[str], None] | None = None) -> ExperimentResult:
+    """Train ``config`` as one MLflow run; returns its run id and the metric history."""
+    config.validate()
+    client = connect(tracking_uri)
+    run_tags = {"grokking_tracked.task": f"{config.operation} mod {config.p}", **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=run_tags)
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=config_params(config))
+        client.log_dict(run_id, config.to_dict(), "config.json")
+        client.log_dict(run_id, [], "events.json")
+        tracker = MlflowTracker(client, run_id)
+        trainer = Trainer(config, [tracker, *callbacks], progress=progress)
+        if on_run_started is not None:
+            on_run_started(run_id)
+    except BaseException as exc:
+        end_run(client, run_id, status_for(exc))
+        raise
+    return ExperimentResult(run_id, _train_in_run(client, run_id, trainer, tracker), client.tracking_uri)
+
+
+def list_checkpoints(client: MlflowClient, run_id: str) -> list[tuple[int, str]]:
+    """(step, artifact path) of every checkpoint of the run, by step."""
+    found = []
+    for info in client.list_artifacts(run_id, CHECKPOINT_DIR):
+        name = Path(info.path).name
+        if name.startswith("step_") and name.endswith(".pt"):
+            found.append((int(name[len("step_"):-len(".pt")]), info.path))
+    return sorted(found)
+
+
+def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str | Path) -> Path:
+    try:
+        return Path(client.download_artifacts(run_id, path, str(dst)))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"cannot download {path!r} of run {run_id}: {str(exc).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Never unpickles arbitrary objects: tensors and plain containers only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
+        raise TrackingError(f"refusing to load checkpoint {Path(path).name}: "
+                            f"{str(exc).splitlines()[0] or type(exc).__name__}") from None
+
+
+def fetch_history(client: MlflowClient, run_id: str) -> list[tuple[int, dict]]:
+    """The run's evaluations as (step, metrics), rebuilt from MLflow's metric histories."""
+    by_step: dict[int, dict] = {}
+    for key in METRIC_KEYS:
+        for metric in client.get_metric_history(run_id, key):
+            by_step.setdefault(metric.step, {})[key] = metric.value
+    return sorted(by_step.items())
+
+
+def fetch_config(client: MlflowClient, run_id: str, scratch: str | Path) -> Config:
+    path = download_artifact(client, run_id, "config.json", scratch)
+    return Config.from_dict(json.loads(path.read_text()))
+
+
+def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bool = True,
+                      callbacks: Iterable[Callback] = (), max_steps: int | None = None) -> ExperimentResult:
+    """Continue a run from its last checkpoint, in the same MLflow run (after a crash, or to train longer
+    with a larger ``max_steps``: MLflow params are immutable, so the new budget goes to config.json and a tag)."""
+    client = connect(tracking_uri)
+    get_run(client, run_id)
+    with tempfile.TemporaryDirectory(prefix="grokking-resume-") as scratch:
+        config = fetch_config(client, run_id, scratch)
+        if max_steps is not None:
+            config = config.replace(max_steps=max_steps)
+        checkpoints = list_checkpoints(client, run_id)
+        if not checkpoints:
+            raise TrackingError(f"run {run_id} has no checkpoints to resume from")
+        step, artifact = checkpoints[-1]
+        state = load_checkpoint(download_artifact(client, run_id, artifact, scratch))
+    history = fetch_history(client, run_id)
+    last_logged = history[-1][0] if history else -1
+    tracker = MlflowTracker(client, run_id, replay_until=last_logged)
+    trainer = Trainer(config, [tracker, *callbacks], progress=progress)
+    trainer.load_state_dict(state)
+    trainer.history = [(s, m) for s, m in history if s <= trainer.step]
+    if max_steps is not None:
+        client.set_tag(run_id, "resumed_max_steps", str(max_steps))
+        client.log_dict(run_id, config.to_dict(), "config.json")
+    client.update_run(run_id, status="RUNNING")
+    return ExperimentResult(run_id, _train_in_run(client, run_id, trainer, tracker), client.tracking_uri)
