@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +148,10 @@ class Trainer:
         self._eval_tokens = self.data.all_tokens
         self._eval_labels = torch.cat([self.data.train_labels, self.data.test_labels])
         self._n_train = len(self.data.train_labels)
+        # Experimental (GROKKING_CUDA_GRAPH=1, CUDA only): replay the whole step as one CUDA graph.
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_loss: torch.Tensor | None = None
+        self._graph_capture_at = self._cuda_graph_start() if os.environ.get("GROKKING_CUDA_GRAPH") == "1" else None
 
     # ------------------------------------------------------------------ one step, one evaluation
     def active_train_examples(self, step: int) -> int:
@@ -156,7 +161,57 @@ class Trainer:
         frac = self.config.curriculum_start_frac + (1 - self.config.curriculum_start_frac) * grow
         return max(1, math.ceil(frac * self._n_train))
 
+    def _cuda_graph_start(self) -> int | None:
+        """The step at which the whole training step can be captured, or None where it cannot: every replay
+        must do the same work with the same constants (full batch, constant lr and weight decay)."""
+        c = self.config
+        if (self.device.type != "cuda" or c.curriculum or c.grokfast_lambda or c.wd_schedule != "constant"
+                or c.lr_schedule not in ("constant", "warmup")):
+            return None
+        return self.step + 3 + (c.warmup_steps if c.lr_schedule == "warmup" else 0)  # eager warm-up first
+
+    def _capture_cuda_graph(self) -> None:
+        """Capture forward, backward and the fused AdamW step (PyTorch's "whole network capture" recipe).
+        Capturing records without executing, so the captured step is then replayed once. On failure training
+        goes on eagerly."""
+        try:
+            torch.cuda.synchronize(self.device)
+            self.optimizer.zero_grad(set_to_none=True)  # the graph owns the gradient tensors from here on
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True  # fused AdamW keeps its step counters on the device already
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = cross_entropy_high_precision(self.model(self._train_tokens, last_only=True), self._train_labels)
+                loss.backward()
+                self.optimizer.step()
+            self._graph, self._graph_loss = graph, loss
+        except Exception as exc:  # noqa: BLE001 - any capture failure: fall back to the eager step
+            warnings.warn(f"CUDA graph capture failed, training eagerly: {exc}")
+            self._graph = None
+            self.optimizer.zero_grad(set_to_none=True)
+            for group in self.optimizer.param_groups:
+                group["capturable"] = False
+        self._graph_capture_at = None
+
     def train_step(self) -> torch.Tensor:
+        if self._graph_capture_at is not None and self.step >= self._graph_capture_at:
+            self._capture_cuda_graph()
+        if self._graph is not None:
+            self._graph.replay()
+            if self.scheduler is not None:
+                self.scheduler.step()  # past the warm-up: the lr it sets is the constant one captured
+            self.step += 1
+            return self._graph_loss
+        if self._graph_capture_at is not None:  # warm-up before capture runs on a side stream (CUDA docs)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss = self._eager_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return loss
+        return self._eager_step()
+
+    def _eager_step(self) -> torch.Tensor:
         n = self.active_train_examples(self.step)
         logits = self.model(self._train_tokens[:n], last_only=True)
         loss = cross_entropy_high_precision(logits, self._train_labels[:n])
