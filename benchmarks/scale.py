@@ -62,7 +62,7 @@ def _child(queue, *args):
 
 
 def measure_isolated(*args) -> tuple[float, float]:
-    if args[2].startswith("cuda"):
+    if args[3].startswith("cuda"):
         return measure(*args)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "scale.png"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # only for the machine line: children set their own
     print("machine:", describe(args.device), flush=True)
     rows = []
     for p in P_VALUES:
@@ -94,6 +96,7 @@ def main() -> None:
         print(f"{varies:8s} {p:5d} {d:8d} {round(0.3 * p * p):10d} {rate:9.2f} {mib:9.1f}")
 
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -107,6 +110,7 @@ def main() -> None:
         axes[1, col].set(xlabel=label, ylabel="peak memory of training (MiB)", xscale="log", yscale="log")
         for ax in axes[:, col]:
             ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"Full-batch training step, train fraction 0.3 ({args.device}, {time.strftime('%Y-%m-%d')})\n"
                  f"{describe(args.device)}", fontsize=9)
