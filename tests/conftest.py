@@ -1,0 +1,103 @@
+"""Shared fixtures: a real MLflow tracking server and real PostgreSQL databases on loopback.
+
+The server takes ~25 s to start here, so one is started per test session. Where a service is absent
+on a developer laptop the tests that need it skip with a reason; under CI=true they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_DSN = dict(host=os.environ.get("PGHOST", "127.0.0.1"), port=int(os.environ.get("PGPORT", "5432")),
+              user=os.environ.get("PGUSER", "postgres"))
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (required under CI=true)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """URI of a real `mlflow server` (SQLite backend, proxied artifacts) in a temp dir."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            unavailable(f"mlflow server exited early: {(root / 'server.log').read_text()[-500:]}")
+        try:
+            if requests.get(f"{uri}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        unavailable("mlflow server did not answer /health within 180 s")
+    yield uri
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database per test, dropped afterwards."""
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG_DSN)
+    except psycopg2.OperationalError as exc:
+        unavailable(f"PostgreSQL not reachable at {PG_DSN['host']}:{PG_DSN['port']}: {str(exc).strip()}")
+    admin.autocommit = True
+    name = f"gt_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg2://{PG_DSN['user']}@{PG_DSN['host']}:{PG_DSN['port']}/{name}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+@pytest.fixture
+def local_store(tmp_path) -> str:
+    """A private embedded store (SQLite + local artifacts) for tests that need no server."""
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
+            ) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # only what the test says
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "grokking_tracked", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
