@@ -82,7 +82,8 @@ class Attention(nn.Module):
 
         Layout chosen for speed on small models (measured, benchmarks/speed.py): one (d, 3·h·e) matmul for
         queries, keys and values instead of three einsums. The parameters keep HookedTransformer's
-        (h, d, e) shapes and the hooks see HookedTransformer's shapes.
+        (h, d, e) shapes and the hooks see HookedTransformer's shapes (in table mode ln1's hooks see the table
+        rows: analysis should use the full forward, as run_with_cache does).
         """
         h, e = self.W_Q.shape[0], self.W_Q.shape[2]
         w_qkv = rearrange([self.W_Q, self.W_K, self.W_V], "three h d e -> d (three h e)")
