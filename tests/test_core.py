@@ -147,7 +147,7 @@ def test_cyclic_and_warmup_lr_schedules_change_the_logged_lr():
 
 
 def test_plateau_schedule_lowers_lr_when_train_loss_stalls():
-    config = short(lr_schedule="plateau", plateau_patience=0, plateau_factor=0.5, lr=1e-12, max_steps=60)
+    config = short(lr_schedule="plateau", plateau_patience=0, plateau_factor=0.5, lr=1e-7, max_steps=60)
     lrs = [m["lr"] for _, m in Trainer(config, progress=False).train().history]
     assert lrs[-1] < lrs[0]
 
