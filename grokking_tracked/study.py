@@ -609,9 +609,9 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
     if workers > 1 and storage.startswith("sqlite"):
         echo(f"warning: {workers} workers on SQLite storage may hit 'database is locked'; "
              "use --storage postgresql://... for parallel studies")
+    rdb = open_storage(storage, spec, tracking_uri, experiment)  # both fail fast, before anything is created
     client = connect(tracking_uri)
     experiment_id = ensure_experiment(client, experiment)
-    rdb = open_storage(storage, spec, tracking_uri, experiment)
     study = load_study(spec, rdb, study_name)
     parent = ensure_parent_run(client, experiment_id, study, spec, storage)
     echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent} "

@@ -1,0 +1,241 @@
+"""Optuna studies end to end: real Optuna storages (SQLite, PostgreSQL), real MLflow (embedded and server),
+the real CLI in subprocesses. Tiny tasks (p = 23, d_model 32, budgets of 60-150 steps) keep this quick;
+tests assert behaviour, never timings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+optuna = pytest.importorskip("optuna")
+from mlflow import MlflowClient  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+ENV = {"GROKKING_TORCH_THREADS": "1"}
+
+TINY = """
+[study]
+name = "{name}"
+experiment = "studies-test"
+n_trials = 3
+heartbeat_interval = 1
+grace_period = 3
+max_retry = 2
+
+[task]
+p = 23
+d_model = 32
+d_mlp = 64
+max_steps = {max_steps}
+eval_every = 10
+checkpoint_every = 0
+stop_margin = 0
+
+[objective]
+target = "steps"
+penalty_factor = 2.0
+
+[search]
+lr = {{ type = "float", low = 3e-3, high = 3e-2, log = true }}
+train_frac = {{ type = "float", low = 0.4, high = 0.8 }}
+
+[sampler]
+name = "random"
+seed = 1
+
+[pruner]
+{pruner}
+"""
+
+
+def write_spec(directory: Path, name: str, max_steps: int = 60, pruner: str = 'name = "none"',
+               filename: str | None = None) -> Path:
+    path = directory / (filename or f"{name}.toml")
+    path.write_text(TINY.format(name=name, max_steps=max_steps, pruner=pruner))
+    return path
+
+
+def study_runs(client: MlflowClient, experiment: str, study_name: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`optuna.study_name` = '{study_name}'")
+    parents = [r for r in runs if r.data.tags.get("grokking_tracked.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("grokking_tracked.role") == "trial"]
+    return parents, children
+
+
+def test_study_end_to_end_resume_and_pruning(tmp_path):
+    """3 trials into the embedded stores; the same command again resumes to 4 with the same parent run;
+    a pruned trial ends KILLED in MLflow with tag PRUNED."""
+    spec = write_spec(tmp_path, "tiny")
+    done = run_cli("study", str(spec), "--no-progress", cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "parent run id:" in done.stdout
+
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for t in trials:  # 60 steps is too few to generalize: the documented penalty, 2 x budget
+        assert t.value == (t.user_attrs["generalization_step"] if t.user_attrs["generalized"] else 120.0)
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parents, children = study_runs(client, "studies-test", "tiny")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.sampler"] == "random" and parent.data.tags["optuna.pruner"] == "none"
+    assert parent.data.tags["optuna.storage"] == storage
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    by_run = {r.info.run_id: r for r in children}
+    for t in trials:
+        run = by_run[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["optuna.trial_state"] == "COMPLETE"
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert float(run.data.params["train_frac"]) == pytest.approx(t.params["train_frac"])
+        assert run.data.params["p"] == "23"
+        assert "test_acc" in run.data.metrics
+    figures = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"optimization_history.png", "param_importances.png", "slice.png", "contour.png",
+            "steps_vs_train_frac.png", "best_vs_seed_preset.png"} <= figures
+    assert parent.data.metrics["n_complete"] == 3
+
+    # Same study, a pruner that prunes at the first report: resume to 4 finished trials.
+    pruning = write_spec(tmp_path, "tiny", pruner='name = "threshold"\nreport_every = 20\nupper = 1e-9',
+                         filename="tiny_pruning.toml")
+    again = run_cli("study", str(pruning), "--n-trials", "4", "--no-progress", cwd=tmp_path, env=ENV)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    assert len(trials) == 4 and trials[3].state == TrialState.PRUNED
+    parents, children = study_runs(client, "studies-test", "tiny")
+    assert len(parents) == 1 and parents[0].info.run_id == parent.info.run_id  # reused
+    assert parents[0].info.status == "FINISHED"
+    pruned = client.get_run(trials[3].user_attrs["mlflow_run_id"])
+    assert pruned.info.status == "KILLED"
+    assert pruned.data.tags["optuna.trial_state"] == "PRUNED"
+    assert pruned.data.tags["optuna.pruned_step"] == "20"
+    assert len(children) == 4
+
+
+def test_two_workers_on_postgres(tmp_path, postgres_url, mlflow_server):
+    """--workers 2 on one PostgreSQL study and one MLflow server: N trials, none duplicated, each in MLflow once."""
+    spec = write_spec(tmp_path, "pg_workers")
+    done = run_cli("study", str(spec), "--n-trials", "4", "--workers", "2", "--storage", postgres_url,
+                   "--tracking-uri", mlflow_server, cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 workers started" in done.stderr
+    trials = optuna.load_study(study_name="pg_workers", storage=postgres_url).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # MaxTrialsCallback stops each worker after the trial that reaches N: at most workers - 1 extra.
+    assert 4 <= len(finished) <= 5
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
+    assert len(set(run_ids)) == len(trials)
+
+    client = MlflowClient(mlflow_server)
+    parents, children = study_runs(client, "studies-test", "pg_workers")
+    assert len(parents) == 1
+    assert sorted(r.info.run_id for r in children) == sorted(run_ids)  # every trial exactly once
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == sorted(t.number for t in trials)
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert "postgresql" in parents[0].data.tags["optuna.storage"]
+
+
+def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_url, mlflow_server):
+    """Two CLI processes join one study (as two machines would); one is SIGKILLed mid-trial. Heartbeats fail
+    its trial, it is retried, the study reaches its count, and no MLflow run is left RUNNING."""
+    spec = write_spec(tmp_path, "killed", max_steps=150)
+    args = [sys.executable, "-m", "grokking_tracked", "study", str(spec), "--n-trials", "2", "--no-progress",
+            "--storage", postgres_url, "--tracking-uri", mlflow_server]
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **ENV}
+    victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        running = None
+        while time.time() < deadline and running is None:
+            time.sleep(1)
+            try:
+                study = optuna.load_study(study_name="killed", storage=postgres_url)
+            except KeyError:
+                continue
+            running = next((t for t in study.get_trials(states=(TrialState.RUNNING,))
+                            if "mlflow_run_id" in t.user_attrs), None)
+        assert running is not None, "the victim never started a trial"
+        time.sleep(2)  # mid-trial: metrics are flowing
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    survivor = run_cli(*args[3:], cwd=tmp_path, env=ENV)
+    assert survivor.returncode == 0, survivor.stderr[-2000:]
+
+    trials = optuna.load_study(study_name="killed", storage=postgres_url).get_trials()
+    states = {t.number: t.state for t in trials}
+    assert states[running.number] == TrialState.FAIL
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states.values()) >= 2
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
+    assert retried and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == running.params
+
+    client = MlflowClient(mlflow_server)
+    killed_run = client.get_run(running.user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "FAILED"
+    assert killed_run.data.tags["optuna.trial_state"] == "FAIL"
+    parents, children = study_runs(client, "studies-test", "killed")
+    assert all(r.info.status != "RUNNING" for r in parents + children)
+    assert {r.data.tags["optuna.retried_trial_number"] for r in children
+            if "optuna.retried_trial_number" in r.data.tags} == {str(running.number)}
+
+
+BAD_SPECS = {
+    "unknown_field": ("[task]\nlearning_rate = 0.1\n", "unknown config field(s) in [task]: learning_rate"),
+    "unknown_search_field": ("[search]\nlrr = { low = 0.1, high = 1.0 }\n", "unknown config field(s) in [search]"),
+    "inverted_range": ("[search]\nlr = { low = 0.1, high = 0.01, log = true }\n", "empty or inverted range"),
+    "empty_range": ("[search]\nlr = { low = 0.1, high = 0.1 }\n", "empty or inverted range"),
+    "unknown_sampler": ("[search]\nlr = { low = 0.01, high = 0.1 }\n[sampler]\nname = \"annealing\"\n",
+                        "unknown sampler 'annealing'"),
+    "unknown_pruner": ("[search]\nlr = { low = 0.01, high = 0.1 }\n[pruner]\nname = \"early\"\n",
+                       "unknown pruner 'early'"),
+    "malformed": ("[search\nlr = 1\n", "malformed TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_is_one_clear_line(tmp_path, case):
+    text, expected = BAD_SPECS[case]
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    done = run_cli("study", str(spec), cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("grokking-tracked: error:"), done.stderr
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize("where", ["storage", "tracking"])
+def test_unreachable_storage_or_server_is_one_clear_line(tmp_path, where):
+    spec = write_spec(tmp_path, "unreachable")
+    option = (["--storage", "postgresql+psycopg2://postgres:secret@127.0.0.1:1/nowhere"] if where == "storage"
+              else ["--tracking-uri", "http://127.0.0.1:1"])
+    done = run_cli("study", str(spec), *option, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert ("cannot open the Optuna storage" if where == "storage" else "cannot reach the MLflow") in lines[0]
+    assert "secret" not in done.stderr
