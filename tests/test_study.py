@@ -131,14 +131,14 @@ def test_study_end_to_end_resume_and_pruning(tmp_path):
 def test_two_workers_on_postgres(tmp_path, postgres_url, mlflow_server):
     """--workers 2 on one PostgreSQL study and one MLflow server: N trials, none duplicated, each in MLflow once."""
     spec = write_spec(tmp_path, "pg_workers")
-    done = run_cli("study", str(spec), "--n-trials", "4", "--workers", "2", "--storage", postgres_url,
+    done = run_cli("study", str(spec), "--n-trials", "3", "--workers", "2", "--storage", postgres_url,
                    "--tracking-uri", mlflow_server, cwd=tmp_path, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 workers started" in done.stderr
     trials = optuna.load_study(study_name="pg_workers", storage=postgres_url).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     # MaxTrialsCallback stops each worker after the trial that reaches N: at most workers - 1 extra.
-    assert 4 <= len(finished) <= 5
+    assert 3 <= len(finished) <= 4
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
