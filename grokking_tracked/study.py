@@ -624,8 +624,8 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
         else:
             _run_workers(settings, workers, echo)
     except BaseException as exc:
-        client.set_terminated(parent, status="FAILED" if isinstance(exc, Exception) and
-                              not isinstance(exc, StudyError) else "KILLED")
+        client.set_terminated(parent, status="KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                              else "FAILED")
         raise
     summary = finalize(study, spec, client, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
     client.set_terminated(parent, status="FINISHED")
@@ -785,9 +785,9 @@ def _best_vs_preset(study, spec: StudySpec, client):
                        fetch_history(client, best_run)))
     experiments = [e.experiment_id for e in client.search_experiments()]
     seed_runs = client.search_runs(experiments, f"tags.`grokking_tracked.preset` = '{spec.compare_preset}' and "
-                                                f"attributes.status = 'FINISHED' and tags.`{ROLE_TAG}` != 'study'",
-                                   order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-    seed_runs = [r for r in seed_runs if r.data.tags.get(ROLE_TAG) != "study"]
+                                                f"attributes.status = 'FINISHED'",
+                                   order_by=["attributes.start_time DESC"], max_results=20) if experiments else []
+    seed_runs = [r for r in seed_runs if r.data.tags.get(ROLE_TAG) != "study"]  # a study's parent is no run
     if seed_runs:
         curves.append((f"`{spec.compare_preset}` preset run {seed_runs[0].info.run_id[:8]}",
                        fetch_history(client, seed_runs[0].info.run_id)))
