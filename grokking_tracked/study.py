@@ -791,17 +791,19 @@ def _best_vs_preset(study, spec: StudySpec, client):
     if seed_runs:
         curves.append((f"`{spec.compare_preset}` preset run {seed_runs[0].info.run_id[:8]}",
                        fetch_history(client, seed_runs[0].info.run_id)))
-    for label, history in curves:
+    for color, (label, history) in zip(("tab:blue", "tab:orange"), curves):
+        history = [(s, m) for s, m in history if s > 0]  # log-scaled steps
         steps = [s for s, _ in history]
         for ax, key, style in ((axes[0], "test_acc", "-"), (axes[0], "train_acc", ":"),
                                (axes[1], "test_loss", "-"), (axes[1], "train_loss", ":")):
-            ax.plot(steps, [m.get(key, float("nan")) for _, m in history], style, label=f"{key}: {label}")
+            ax.plot(steps, [m.get(key, float("nan")) for _, m in history], style, color=color,
+                    label=f"{key}: {label}")
     axes[0].set_ylabel("accuracy")
     axes[1].set_ylabel("loss")
     axes[1].set_yscale("log")
     for ax in axes:
-        ax.set_xscale("symlog", linthresh=100)
-        ax.set_xlabel("step")
+        ax.set_xscale("log")
+        ax.set_xlabel("step (log scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if not seed_runs:

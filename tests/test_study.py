@@ -239,3 +239,30 @@ def test_unreachable_storage_or_server_is_one_clear_line(tmp_path, where):
     assert len(lines) == 1, done.stderr
     assert ("cannot open the Optuna storage" if where == "storage" else "cannot reach the MLflow") in lines[0]
     assert "secret" not in done.stderr
+
+
+def test_dashboard_serves_the_study_storage_on_loopback(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(study_name="for_dashboard", storage=storage)
+    spec = write_spec(tmp_path, "for_dashboard")
+    from conftest import free_port
+    import requests
+
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **ENV}
+    server = subprocess.Popen([sys.executable, "-m", "grokking_tracked", "study", str(spec), "--dashboard",
+                               "--storage", storage, "--port", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            time.sleep(0.5)
+            try:
+                body = requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=2).json()
+            except requests.RequestException:
+                assert server.poll() is None, "dashboard exited"
+        assert body is not None
+        assert [s["study_name"] for s in body["study_summaries"]] == ["for_dashboard"]
+    finally:
+        server.terminate()
+        server.wait(20)
