@@ -102,6 +102,35 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
 
 
 @cli.command()
+@click.argument("run_id")
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Also keep local copies of the analysis in this directory.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@tracking_uri_option
+def analyze(run_id: str, output: str | None, progress: bool, tracking_uri: str | None) -> None:
+    """Fetch RUN_ID's checkpoints from the tracking server, analyse them, log the results under analysis/."""
+    from .tracking import analyze_run
+
+    summary = analyze_run(run_id, tracking_uri, output=output, progress=progress)
+    fourier, order = summary["fourier"], summary["restricted_loss_falls_before_test_loss"]
+    click.echo(f"analysed {summary['n_checkpoints']} checkpoints of run {run_id}: "
+               f"key frequencies {fourier['key_frequencies']} ({fourier['basis']} basis), "
+               f"restricted loss falls before test loss: {order['answer']}")
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--output", type=click.Path(dir_okay=False), default="comparison.png", show_default=True)
+@click.option("--log-to", metavar="RUN_ID", default=None, help="Also log the figure to this run (comparisons/).")
+@tracking_uri_option
+def compare(run_ids: tuple[str, ...], output: str, log_to: str | None, tracking_uri: str | None) -> None:
+    """Draw learning curves and progress measures of several runs on shared axes."""
+    from .tracking import compare_runs
+
+    click.echo(f"wrote {compare_runs(list(run_ids), output, tracking_uri, log_to=log_to)}")
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (127.0.0.1 keeps it private).")
 @click.option("--port", default=5000, show_default=True, type=int)
 @tracking_uri_option

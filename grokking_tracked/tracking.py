@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from . import figures
 from .config import Config
+from .analysis.checkpoints import load_checkpoint
 from .train import Callback, Trainer, TrainingStopped, TrainResult
 
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm", "lr")
@@ -241,15 +242,6 @@ def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str | P
         raise TrackingError(f"cannot download {path!r} of run {run_id}: {str(exc).splitlines()[0]}") from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Never unpickles arbitrary objects: tensors and plain containers only."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
-        raise TrackingError(f"refusing to load checkpoint {Path(path).name}: "
-                            f"{str(exc).splitlines()[0] or type(exc).__name__}") from None
-
-
 def fetch_history(client: MlflowClient, run_id: str) -> list[tuple[int, dict]]:
     """The run's evaluations as (step, metrics), rebuilt from MLflow's metric histories."""
     by_step: dict[int, dict] = {}
@@ -278,7 +270,7 @@ def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bo
         if not checkpoints:
             raise TrackingError(f"run {run_id} has no checkpoints to resume from")
         step, artifact = checkpoints[-1]
-        state = load_checkpoint(download_artifact(client, run_id, artifact, scratch))
+        state = load_checkpoint(download_artifact(client, run_id, artifact, scratch))  # weights_only
     history = fetch_history(client, run_id)
     last_logged = history[-1][0] if history else -1
     tracker = MlflowTracker(client, run_id, replay_until=last_logged)
@@ -290,3 +282,70 @@ def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bo
         client.log_dict(run_id, config.to_dict(), "config.json")
     client.update_run(run_id, status="RUNNING")
     return ExperimentResult(run_id, _train_in_run(client, run_id, trainer, tracker), client.tracking_uri)
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+ANALYSIS_DIR = "analysis"
+
+
+def _delete_artifacts(client: MlflowClient, run_id: str, path: str) -> None:
+    """Remove an artifact folder of a run (MlflowClient has no delete; the run's artifact repository does)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if client.list_artifacts(run_id, path):
+        get_artifact_repository(f"{client.get_run(run_id).info.artifact_uri}/{path}").delete_artifacts()
+
+
+def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path | None = None,
+                progress: bool = True) -> dict:
+    """Fetch a run's config, metric history and checkpoints from the tracking server, analyse every checkpoint,
+    and log figures + ``analysis/summary.json`` into the same run, replacing an earlier analysis.
+
+    Everything is computed before anything is logged, so a bad checkpoint leaves the run untouched."""
+    import shutil
+
+    from .analysis import analyze_checkpoints
+
+    client = connect(tracking_uri)
+    get_run(client, run_id)
+    with tempfile.TemporaryDirectory(prefix="grokking-analyze-") as scratch:
+        scratch = Path(scratch)
+        fetch_config(client, run_id, scratch)  # fails early and clearly on a run that is not ours
+        checkpoints = list_checkpoints(client, run_id)
+        if not checkpoints:
+            raise TrackingError(f"run {run_id} has no checkpoints to analyse")
+        local = [(step, download_artifact(client, run_id, path, scratch / "download")) for step, path in checkpoints]
+        out_dir = scratch / ANALYSIS_DIR
+        summary = analyze_checkpoints(local, out_dir, history=fetch_history(client, run_id), progress=progress)
+        _delete_artifacts(client, run_id, ANALYSIS_DIR)
+        client.log_artifacts(run_id, str(out_dir), ANALYSIS_DIR)
+        fourier = summary["fourier"]
+        client.set_tag(run_id, "analysis.key_frequencies", json.dumps(fourier["key_frequencies"]))
+        client.set_tag(run_id, "analysis.restricted_loss_falls_before_test_loss",
+                       str(summary["restricted_loss_falls_before_test_loss"]["answer"]).lower())
+        if output is not None:
+            shutil.copytree(out_dir, Path(output), dirs_exist_ok=True)
+    return summary
+
+
+def compare_runs(run_ids: list[str], output: str | Path, tracking_uri: str | None = None,
+                 log_to: str | None = None) -> Path:
+    """Learning curves (and progress measures, where a run has been analysed) of several runs on shared axes."""
+    from .analysis import compare_figure
+
+    client = connect(tracking_uri)
+    histories, progress = {}, {}
+    with tempfile.TemporaryDirectory(prefix="grokking-compare-") as scratch:
+        for run_id in run_ids:
+            run = get_run(client, run_id)
+            name = f"{run.info.run_name or run_id[:8]} ({run_id[:8]})"
+            histories[name] = fetch_history(client, run_id)
+            if client.list_artifacts(run_id, f"{ANALYSIS_DIR}/summary.json"):
+                path = download_artifact(client, run_id, f"{ANALYSIS_DIR}/summary.json", Path(scratch) / run_id)
+                progress[name] = json.loads(path.read_text())
+    figure = compare_figure(histories, Path(output), progress=progress or None,
+                            title=f"{len(run_ids)} runs compared")
+    if log_to:
+        get_run(client, log_to)
+        client.log_artifact(log_to, str(figure), "comparisons")
+    return figure
