@@ -717,7 +717,9 @@ def _log_figures(study, spec: StudySpec, client, parent_run_id: str, complete: l
             return
         fig = result.figure if hasattr(result, "figure") else result.flat[0].figure if hasattr(result, "flat") else result
         fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
-        fig.tight_layout()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # colorbar axes of contour plots
+            fig.tight_layout()
         client.log_figure(parent_run_id, fig, f"figures/{name}.png")
         plt.close(fig)
 
