@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from . import figures
 from .config import Config
-from .analysis.checkpoints import load_checkpoint
+from .analysis.checkpoints import CheckpointError, load_checkpoint
 from .train import Callback, Trainer, TrainingStopped, TrainResult
 
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm", "lr")
@@ -105,42 +106,82 @@ def checkpoint_name(step: int) -> str:
 
 
 class MlflowTracker(Callback):
-    """Logs a Trainer into one MLflow run.
+    """Logs a Trainer into one MLflow run without making the training loop wait on the tracking server.
 
-    Metrics go through MLflow's asynchronous logging (a background queue), so an evaluation costs the
-    training loop microseconds even against a remote server. After ``--resume``, evaluations at steps
-    already in the run (``replay_until``) are not logged again: every step appears exactly once.
+    - Evaluations are buffered and sent as one ``log_batch`` about once a second (and at every event,
+      checkpoint and the end) through MLflow's asynchronous logging: one HTTP request a second instead of
+      one per evaluation, which also spares a server sharing the machine.
+    - Checkpoints and event artifacts are uploaded by one background thread, in order.
+    - After ``--resume``, evaluations whose step the run already holds (``logged_steps``) are not sent
+      again, so every step appears exactly once even if the crash left a gap.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, replay_until: int = -1, log_figures: bool = True):
+    def __init__(self, client: MlflowClient, run_id: str, logged_steps: Iterable[int] = (),
+                 log_figures: bool = True, flush_seconds: float = 1.0):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.client, self.run_id = client, run_id
-        self.replay_until = replay_until
+        self.logged_steps = set(logged_steps)
         self.log_figures = log_figures
-        self._pending = []
+        self.flush_seconds = flush_seconds
+        self._buffer: list[Metric] = []
+        self._last_send = time.monotonic()
+        self._pending_metrics = []
+        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-upload")
+        self._pending_uploads = []
         self._scratch = tempfile.TemporaryDirectory(prefix="grokking-tracked-")
 
     def on_eval(self, trainer: Trainer, step: int, metrics: dict, events: list[dict]) -> None:
-        if step <= self.replay_until:
+        if step in self.logged_steps:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        batch += [Metric(f"{event['event']}_step", float(event["step"]), now, step) for event in events]
-        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
-        if events:  # rare (at most three times a run): logged at once so a UI watcher sees them arrive
-            self.client.log_dict(self.run_id, trainer.detector.events, "events.json")
+        self._buffer += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self._buffer += [Metric(f"{event['event']}_step", float(event["step"]), now, step) for event in events]
+        if events or time.monotonic() - self._last_send >= self.flush_seconds:
+            self._send()
+        if events:  # rare (at most three a run), so a person watching the UI sees them arrive
+            detected = [dict(event) for event in trainer.detector.events]
+            self._upload(self.client.log_dict, self.run_id, detected, "events.json")
             if any(event["event"] == "generalization" for event in events):
-                self.client.set_tag(self.run_id, "grokked", "true")
+                self._upload(self.client.set_tag, self.run_id, "grokked", "true")
+
+    def _send(self) -> None:
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self._pending_metrics.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        self._last_send = time.monotonic()
+
+    def _upload(self, function, *args) -> None:
+        self._pending_uploads.append(self._uploads.submit(function, *args))
 
     def on_checkpoint(self, trainer: Trainer, step: int, reasons: list[str]) -> None:
+        # Metrics up to this step are persisted before the checkpoint exists: a resume from it never
+        # has to guess what was logged before.
+        self.flush_metrics()
         path = Path(self._scratch.name) / Path(checkpoint_name(step)).name
-        torch.save(trainer.state_dict(), path)
+        torch.save(trainer.state_dict(), path)  # serialised now; uploaded in the background
+        self._upload(self._log_and_remove, path)
+
+    def _log_and_remove(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
         path.unlink()
 
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
+    def flush_metrics(self) -> None:
+        self._send()
+        pending, self._pending_metrics = self._pending_metrics, []
         for operation in pending:
             operation.wait()
+
+    def flush(self) -> None:
+        """Wait until everything sent so far is stored; re-raises the first upload error."""
+        self.flush_metrics()
+        pending, self._pending_uploads = self._pending_uploads, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        self._uploads.shutdown(wait=True)
+        self._scratch.cleanup()
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         self.flush()
@@ -148,7 +189,6 @@ class MlflowTracker(Callback):
         self.client.set_tag(self.run_id, "grokked", "true" if result.grokked else "false")
         if self.log_figures:
             log_run_figures(self.client, self.run_id, trainer, result)
-        self._scratch.cleanup()
 
 
 def log_run_figures(client: MlflowClient, run_id: str, trainer: Trainer, result: TrainResult) -> None:
@@ -193,8 +233,10 @@ def _train_in_run(client: MlflowClient, run_id: str, trainer: Trainer, tracker: 
         try:
             tracker.flush()
         finally:
+            tracker.close()
             end_run(client, run_id, status_for(exc))
         raise
+    tracker.close()
     end_run(client, run_id, "FINISHED")
     return result
 
@@ -269,11 +311,17 @@ def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bo
         checkpoints = list_checkpoints(client, run_id)
         if not checkpoints:
             raise TrackingError(f"run {run_id} has no checkpoints to resume from")
-        step, artifact = checkpoints[-1]
-        state = load_checkpoint(download_artifact(client, run_id, artifact, scratch))  # weights_only
+        state = None
+        for step, artifact in reversed(checkpoints):  # newest first; a kill mid-upload can truncate the last
+            try:
+                state = load_checkpoint(download_artifact(client, run_id, artifact, scratch))  # weights_only
+                break
+            except CheckpointError as exc:
+                print(f"grokking-tracked: skipping {artifact}: {exc}", file=sys.stderr)
+        if state is None:
+            raise TrackingError(f"run {run_id} has no loadable checkpoint to resume from")
     history = fetch_history(client, run_id)
-    last_logged = history[-1][0] if history else -1
-    tracker = MlflowTracker(client, run_id, replay_until=last_logged)
+    tracker = MlflowTracker(client, run_id, logged_steps=[s for s, m in history if set(METRIC_KEYS) <= set(m)])
     trainer = Trainer(config, [tracker, *callbacks], progress=progress)
     trainer.load_state_dict(state)
     trainer.history = [(s, m) for s, m in history if s <= trainer.step]
