@@ -36,7 +36,7 @@ from .config import Config
 from .data import all_pairs, make_dataset
 from .detect import GrokDetector
 from .model import GrokkingTransformer
-from .train import CHECKPOINT_FORMAT, TrainResult, resolve_device, set_threads_from_env
+from .train import CHECKPOINT_FORMAT, TrainResult, resolve_device, configure_threads
 
 SHARED_FIELDS = ("p", "operation", "d_model", "n_layers", "n_heads", "d_mlp", "normalization", "device",
                  "eval_every")
@@ -86,12 +86,12 @@ class _Trial:
 class LockstepTrainer:
     def __init__(self, configs: Sequence[Config], callbacks: Sequence[LockstepCallback] = (), progress: bool = True):
         check_compatible(configs)
-        set_threads_from_env()
         self.configs = list(configs)
         self.callbacks = list(callbacks)
         self.progress = progress
         first = self.configs[0]
         self.device = resolve_device(first.device)
+        configure_threads(self.device)
         self.eval_every = first.eval_every
         tokens, labels = all_pairs(first.p, first.operation)
         self.tokens, self.labels = tokens.to(self.device), labels.to(self.device)

@@ -34,12 +34,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def set_threads_from_env() -> None:
-    """Experimental switch GROKKING_TORCH_THREADS=N: torch intra-op threads. On 2 shared cores the small ops of
-    this model run several times faster on 1 thread than on 2 when other processes compete (benchmarks/speed.py)."""
+def configure_threads(device: torch.device) -> None:
+    """torch intra-op threads: GROKKING_TORCH_THREADS=N if set, else 1 on the CPU.
+
+    This model's ops are small: on 2 cores one thread ran the default preset at 85 steps/s, two threads
+    at 10-14 (the threads spin-wait on each other and collapse when any other process wants a core)."""
     threads = os.environ.get("GROKKING_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+    elif device.type == "cpu":
+        torch.set_num_threads(1)
 
 
 class TrainingStopped(Exception):
@@ -127,10 +131,10 @@ class Trainer:
     def __init__(self, config: Config, callbacks: list[Callback] | tuple = (), progress: bool = True,
                  data: ModularData | None = None):
         self.config = config.validate()
-        set_threads_from_env()
         self.callbacks = list(callbacks)
         self.progress = progress
         self.device = resolve_device(config.device)
+        configure_threads(self.device)
         self.data = (data or make_dataset(config)).to(self.device)
         self.model = GrokkingTransformer(config).to(self.device)
         self.optimizer = make_optimizer(self.model, config, self.device)
