@@ -51,6 +51,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def connect(uri: str | None = None) -> MlflowClient:
     """A client for the store; a remote server is probed first so an unreachable one fails in seconds."""
     uri = resolve_tracking_uri(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours shows checkpoint by checkpoint
     if uri.startswith(("http://", "https://")):
         # MLflow retries 7 times with exponential back-off by default: minutes before an error.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -341,7 +342,8 @@ def _delete_artifacts(client: MlflowClient, run_id: str, path: str) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     if client.list_artifacts(run_id, path):
-        get_artifact_repository(f"{client.get_run(run_id).info.artifact_uri}/{path}").delete_artifacts()
+        artifact_uri = f"{client.get_run(run_id).info.artifact_uri}/{path}"
+        get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri).delete_artifacts()
 
 
 def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path | None = None,
@@ -358,13 +360,14 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path
     get_run(client, run_id)
     with tempfile.TemporaryDirectory(prefix="grokking-analyze-") as scratch:
         scratch = Path(scratch)
-        fetch_config(client, run_id, scratch)  # fails early and clearly on a run that is not ours
+        config = fetch_config(client, run_id, scratch)  # fails early and clearly on a run that is not ours
         checkpoints = list_checkpoints(client, run_id)
         if not checkpoints:
             raise TrackingError(f"run {run_id} has no checkpoints to analyse")
         local = [(step, download_artifact(client, run_id, path, scratch / "download")) for step, path in checkpoints]
         out_dir = scratch / ANALYSIS_DIR
-        summary = analyze_checkpoints(local, out_dir, history=fetch_history(client, run_id), progress=progress)
+        summary = analyze_checkpoints(local, out_dir, history=fetch_history(client, run_id), progress=progress,
+                                      expected_config=config)
         _delete_artifacts(client, run_id, ANALYSIS_DIR)
         client.log_artifacts(run_id, str(out_dir), ANALYSIS_DIR)
         fourier = summary["fourier"]

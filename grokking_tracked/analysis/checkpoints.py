@@ -8,6 +8,7 @@ is not a tensor or a plain container, before anything is called.
 from __future__ import annotations
 
 import pickle
+import warnings
 import re
 import zipfile
 from pathlib import Path
@@ -34,7 +35,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line is ours
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's restricted unpickler names any global it refuses (e.g. "GLOBAL posix.system"); other
         # unpickling errors (e.g. "Unsupported operand") mean the bytes are not a pickle at all.

@@ -71,12 +71,13 @@ def _save(fig, path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, history: History | None = None,
-                        progress: bool = True, *, key_energy_fraction: float = 0.8, max_key_frequencies: int = 10,
-                        drop_fraction: float = 0.5) -> dict:
+                        progress: bool = True, *, expected_config=None, key_energy_fraction: float = 0.8,
+                        max_key_frequencies: int = 10, drop_fraction: float = 0.5) -> dict:
     """Analyse ``[(step, path)]`` checkpoints of one run; write figures and ``summary.json`` into ``out_dir``.
 
     ``history``: the run's ``[(step, metrics)]`` (``train_loss``/``test_loss``…) for the learning curves and
-    the restricted-vs-test comparison. Raises ``CheckpointError`` (one-line message) for unusable input;
+    the restricted-vs-test comparison. ``expected_config``: the run's own config (``config.json``); every
+    checkpoint must have its model shape. Raises ``CheckpointError`` (one-line message) for unusable input;
     nothing is written to ``out_dir`` before every checkpoint has been analysed.
     """
     started = time.perf_counter()
@@ -87,6 +88,8 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
 
     last_state = load_checkpoint(checkpoints[-1][1])
     config = config_from_checkpoint(last_state)
+    if expected_config is not None:
+        model_from_checkpoint(last_state, expected_config)  # refuses another model shape before any work
     view = fourier.GroupView.for_task(config.p, config.operation)
     final_spectrum = fourier.spectrum_measures(model_from_checkpoint(last_state, config), view)
     keys, key_energy, sparse = fourier.key_frequencies(torch.tensor(final_spectrum.embedding_freq_norms),
