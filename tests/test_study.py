@@ -157,7 +157,7 @@ def test_two_workers_on_postgres(tmp_path, postgres_url, mlflow_server):
 def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_url, mlflow_server):
     """Two CLI processes join one study (as two machines would); one is SIGKILLed mid-trial. Heartbeats fail
     its trial, it is retried, the study reaches its count, and no MLflow run is left RUNNING."""
-    spec = write_spec(tmp_path, "killed", max_steps=150)
+    spec = write_spec(tmp_path, "killed", max_steps=300)
     args = [sys.executable, "-m", "grokking_tracked", "study", str(spec), "--n-trials", "2", "--no-progress",
             "--storage", postgres_url, "--tracking-uri", mlflow_server]
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **ENV}
@@ -174,12 +174,17 @@ def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_
             running = next((t for t in study.get_trials(states=(TrialState.RUNNING,))
                             if "mlflow_run_id" in t.user_attrs), None)
         assert running is not None, "the victim never started a trial"
-        time.sleep(2)  # mid-trial: metrics are flowing
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(signal.SIGKILL)  # mid-trial: its run is open, metrics are flowing
         victim.wait(30)
     finally:
         if victim.poll() is None:
             victim.kill()
+    # Nobody else runs trials: whatever is RUNNING now is the dead victim's (it may have finished one before).
+    study = optuna.load_study(study_name="killed", storage=postgres_url)
+    orphans = study.get_trials(states=(TrialState.RUNNING,))
+    assert len(orphans) == 1
+    running = orphans[0]
+    time.sleep(3 + 2)  # past the grace period: the survivor's first look fails and re-queues it
     survivor = run_cli(*args[3:], cwd=tmp_path, env=ENV)
     assert survivor.returncode == 0, survivor.stderr[-2000:]
 
