@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, WD_SCHEDULES, Config, ConfigError
+from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, WD_SCHEDULES, ConfigError
 
 TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite + artifacts under ./mlruns/)."
 

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus

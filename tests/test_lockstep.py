@@ -8,15 +8,6 @@ from grokking_tracked.lockstep import LockstepCallback, LockstepTrainer, check_c
 from grokking_tracked.train import Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On 2 shared cores, two intra-op threads of tiny ops wait on each other many times slower; one is stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SMALL = dict(p=23, d_model=32, d_mlp=64, n_heads=4, max_steps=50, eval_every=10, checkpoint_every=0)
 TRIALS = [dict(lr=1e-2, weight_decay=1.0, train_frac=0.3, seed=1, data_seed=11),
           dict(lr=3e-3, weight_decay=0.1, train_frac=0.5, seed=2, data_seed=12),

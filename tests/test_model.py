@@ -9,15 +9,6 @@ from grokking_tracked.data import make_dataset
 from grokking_tracked.model import GrokkingTransformer, cross_entropy_high_precision
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On 2 shared cores, two intra-op threads of tiny ops wait on each other many times slower; one is stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def _config(n_layers: int, normalization: str):
     return preset("default", p=13, d_model=32, d_mlp=64, n_heads=4, n_layers=n_layers, normalization=normalization)
