@@ -309,6 +309,7 @@ class Trainer:
             stop_at = min(stop_at, generalized + config.stop_margin)
         if self.step == 0:
             self._evaluate_and_emit()
+            self._emit("on_checkpoint", 0, ["initial"])  # analysis measures weight evolution from the start
         try:
             while self.step < stop_at:
                 self.train_step()

@@ -77,7 +77,7 @@ def test_run_end_to_end_against_a_server(mlflow_server, tmp_path):
     assert config["p"] == 59 and config["train_frac"] == 0.5 and config["stop_on_grok"] is True
 
     checkpoints = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints"))
-    wanted = {f"checkpoints/step_{s:07d}.pt" for s in [*by_name.values(), steps[-1], 100]}
+    wanted = {f"checkpoints/step_{s:07d}.pt" for s in [0, *by_name.values(), steps[-1], 100]}
     assert wanted <= set(checkpoints)
     state = torch.load(client.download_artifacts(run_id, checkpoints[-1], str(scratch)), weights_only=True)
     assert {"model", "optimizer", "step", "rng", "config", "detector"} <= set(state)
