@@ -156,13 +156,15 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
               help="Optuna RDB storage (default: sqlite under ./mlruns/optuna.db); postgresql://... for workers.")
 @click.option("--study-name", default=None, help="Study name (default: the spec's); the same name resumes or joins it.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--lockstep", type=int, default=None, metavar="K",
+              help="Train K trials at once in one process (default: the spec's [study] lockstep, else 1).")
 @click.option("--dashboard", is_flag=True, help="Serve optuna-dashboard over the storage instead of running trials.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Port of --dashboard (bound to 127.0.0.1).")
 @click.option("--experiment", default=None, help="MLflow experiment (default: the spec's).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @tracking_uri_option
 def study(spec: str, n_trials: int | None, timeout: float | None, storage: str | None, study_name: str | None,
-          workers: int, dashboard: bool, port: int, experiment: str | None, progress: bool,
+          workers: int, lockstep: int | None, dashboard: bool, port: int, experiment: str | None, progress: bool,
           tracking_uri: str | None) -> None:
     """Run, resume or join an Optuna study from a TOML spec in studies/; every trial is an MLflow run."""
     from . import study as study_module
@@ -172,7 +174,7 @@ def study(spec: str, n_trials: int | None, timeout: float | None, storage: str |
         return
     summary = study_module.run_study(spec, n_trials=n_trials, timeout=timeout, storage=storage,
                                      study_name=study_name, workers=workers, tracking_uri=tracking_uri,
-                                     experiment=experiment, progress=progress,
+                                     experiment=experiment, progress=progress, lockstep=lockstep,
                                      echo=lambda message: click.echo(message, err=True))
     counts = summary["counts"]
     click.echo(f"parent run id: {summary['parent_run_id']}")

@@ -114,6 +114,7 @@ class StudySpec:
     grace_period: int = 30
     max_retry: int = 2
     compare_preset: str = "seed"
+    lockstep: int = 1  # trials trained together in one LockstepTrainer; 1 = one at a time
     text: str = ""
 
     @property
@@ -128,7 +129,8 @@ class StudySpec:
 
 
 _SECTIONS = {"study", "task", "objective", "search", "sampler", "pruner"}
-_STUDY_KEYS = {"name", "experiment", "n_trials", "heartbeat_interval", "grace_period", "max_retry", "compare_preset"}
+_STUDY_KEYS = {"name", "experiment", "n_trials", "heartbeat_interval", "grace_period", "max_retry", "compare_preset",
+               "lockstep"}
 _OBJECTIVE_KEYS = {"target", "penalty_factor"}
 _PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
 
@@ -167,7 +169,7 @@ def load_spec(path: str | Path) -> StudySpec:
 
     spec = StudySpec(path=str(path), name=str(study.get("name", path.stem)), text=text)
     spec.experiment = str(study.get("experiment", spec.experiment))
-    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_retry"):
+    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_retry", "lockstep"):
         if key in study:
             if not isinstance(study[key], int) or study[key] < (0 if key == "max_retry" else 1):
                 fail(f"[study] {key} must be a positive integer, got {study[key]!r}")
@@ -420,6 +422,52 @@ class TrialCallback(Callback):
             raise TrialPrunedStop(f"pruned at step {step} ({self.spec.prune_metric} {value:.4g})")
 
 
+def trial_config(spec: StudySpec, trial: optuna.Trial) -> Config:
+    """The trial's config: the spec's task with the sampled parameters."""
+    return spec.base_config().replace(**{p.name: p.suggest(trial) for p in spec.params})
+
+
+def trial_run_tags(trial: optuna.Trial, study_name: str) -> dict[str, str]:
+    """Tags of a trial's MLflow child run (also what ``close_trial_runs`` searches by)."""
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    tags = {"optuna.study_name": study_name, "optuna.trial_number": str(trial.number),
+            "optuna.trial_state": "RUNNING", ROLE_TAG: "trial"}
+    frozen = trial.study._storage.get_trial(trial._trial_id)  # Trial has no system_attrs in Optuna 5
+    retried = frozen.system_attrs.get("failed_trial")  # set by RetryHeartbeatStaleTrialCallback
+    if retried is not None:
+        tags["optuna.retried_trial_number"] = str(retried)
+    return tags
+
+
+def tag_trial_run(client, run_id: str | None, state: str, **tags: str) -> None:
+    """Record the trial's final Optuna state (and extra tags) on its MLflow run."""
+    if run_id is None:
+        return
+    client.set_tag(run_id, "optuna.trial_state", state)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def trial_value(trial: optuna.Trial, spec: StudySpec, config: Config, result, seconds_to_generalize: float | None):
+    """The objective value of a finished training (penalty if it did not generalize); records user attrs."""
+    gen = result.step_of("generalization")
+    trial.set_user_attr("generalized", gen is not None)
+    trial.set_user_attr("generalization_step", gen)
+    trial.set_user_attr("memorization_step", result.step_of("memorization"))
+    trial.set_user_attr("final_step", result.final_step)
+    trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
+    steps = float(gen) if gen is not None else spec.penalty(config)
+    if spec.objective == "seconds":
+        return seconds_to_generalize if gen is not None else spec.penalty_factor * result.train_seconds
+    if spec.objective == "steps_vs_train_frac":
+        return (steps, config.train_frac)
+    return steps
+
+
+def complete_tags(value, result) -> dict[str, str]:
+    return {"optuna.value": str(value), "optuna.generalized": str(result.grokked).lower()}
+
+
 class Objective:
     def __init__(self, spec: StudySpec, study_name: str, tracking_uri: str, experiment: str, parent_run_id: str,
                  progress: bool = True):
@@ -432,23 +480,13 @@ class Objective:
             return
         from .tracking import connect
 
-        client = connect(self.tracking_uri)
-        client.set_tag(run_id, "optuna.trial_state", state)
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
+        tag_trial_run(connect(self.tracking_uri), run_id, state, **tags)
 
     def __call__(self, trial: optuna.Trial):
         from .tracking import run_experiment
 
-        suggested = {p.name: p.suggest(trial) for p in self.spec.params}
-        config = self.spec.base_config().replace(**suggested)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(trial.number),
-                "optuna.trial_state": "RUNNING", ROLE_TAG: "trial"}
-        frozen = trial.study._storage.get_trial(trial._trial_id)  # Trial has no system_attrs in Optuna 5
-        retried = frozen.system_attrs.get("failed_trial")  # set by RetryHeartbeatStaleTrialCallback
-        if retried is not None:
-            tags["optuna.retried_trial_number"] = str(retried)
+        config = trial_config(self.spec, trial)
+        tags = trial_run_tags(trial, self.study_name)
         callback = TrialCallback(trial, self.spec)
         started: dict[str, str] = {}
 
@@ -471,23 +509,8 @@ class Objective:
         except BaseException:
             self._close(started.get("run_id"), "FAIL")
             raise
-        result = outcome.result
-        gen = result.step_of("generalization")
-        trial.set_user_attr("generalized", gen is not None)
-        trial.set_user_attr("generalization_step", gen)
-        trial.set_user_attr("memorization_step", result.step_of("memorization"))
-        trial.set_user_attr("final_step", result.final_step)
-        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
-        steps = float(gen) if gen is not None else self.spec.penalty(config)
-        if self.spec.objective == "seconds":
-            value: Any = (callback.seconds_to_generalize if gen is not None
-                          else self.spec.penalty_factor * result.train_seconds)
-        elif self.spec.objective == "steps_vs_train_frac":
-            value = (steps, config.train_frac)
-        else:
-            value = steps
-        self._close(outcome.run_id, "COMPLETE",
-                    **{"optuna.value": str(value), "optuna.generalized": str(gen is not None).lower()})
+        value = trial_value(trial, self.spec, config, outcome.result, callback.seconds_to_generalize)
+        self._close(outcome.run_id, "COMPLETE", **complete_tags(value, outcome.result))
         return value
 
 
@@ -519,6 +542,7 @@ class StudySettings:
     timeout: float | None = None
     progress: bool = True
     threads: int | None = None
+    lockstep: int = 1
 
 
 def optimize(settings: StudySettings) -> None:
@@ -533,6 +557,12 @@ def optimize(settings: StudySettings) -> None:
     study = load_study(spec, storage, settings.study_name)
     _sweep_stale(study)
     if count_finished(study) >= settings.n_trials:
+        return
+    if settings.lockstep > 1:
+        from .study_lockstep import optimize_lockstep
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optimize_lockstep(settings, spec, study, settings.lockstep)
         return
     objective = Objective(spec, settings.study_name, settings.tracking_uri, settings.experiment,
                           settings.parent_run_id, progress=settings.progress)
@@ -594,11 +624,19 @@ def ensure_parent_run(client, experiment_id: str, study: optuna.Study, spec: Stu
 
 def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
               study_name: str | None = None, workers: int = 1, tracking_uri: str | None = None,
-              experiment: str | None = None, progress: bool = True, echo=print) -> dict:
+              experiment: str | None = None, progress: bool = True, lockstep: int | None = None,
+              echo=print) -> dict:
     """Run (or resume, or join) a study; returns a summary dict."""
     spec = load_spec(spec_path)
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
+    lockstep = spec.lockstep if lockstep is None else lockstep
+    if lockstep < 1:
+        raise StudyError(f"--lockstep must be >= 1 (trials trained together; 1 = one at a time), got {lockstep}")
+    if lockstep > 1:
+        from .study_lockstep import check_lockstep_spec
+
+        check_lockstep_spec(spec)
     from .tracking import connect, ensure_experiment, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -617,7 +655,7 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
     echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent} "
          f"in experiment {experiment!r}; {count_finished(study)}/{n_trials} trials finished")
     settings = StudySettings(str(Path(spec_path).resolve()), n_trials, storage, study_name, tracking_uri,
-                             experiment, parent, timeout, progress=progress and workers == 1)
+                             experiment, parent, timeout, progress=progress and workers == 1, lockstep=lockstep)
     try:
         if workers == 1:
             optimize(settings)

@@ -241,13 +241,10 @@ def _train_in_run(client: MlflowClient, run_id: str, trainer: Trainer, tracker: 
     return result
 
 
-def run_experiment(config: Config, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                   run_name: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
-                   callbacks: Iterable[Callback] = (), progress: bool = True,
-                   on_run_started: Callable[[str], None] | None = None) -> ExperimentResult:
-    """Train ``config`` as one MLflow run; returns its run id and the metric history."""
-    config.validate()
-    client = connect(tracking_uri)
+def create_config_run(client: MlflowClient, config: Config, experiment: str = DEFAULT_EXPERIMENT,
+                      run_name: str | None = None, parent_run_id: str | None = None, tags: dict | None = None) -> str:
+    """A new RUNNING run holding the config (params, config.json) and an empty events.json; its id.
+    If filling it fails, the run ends FAILED/KILLED before the error propagates."""
     run_tags = {"grokking_tracked.task": f"{config.operation} mod {config.p}", **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
@@ -257,6 +254,21 @@ def run_experiment(config: Config, tracking_uri: str | None = None, experiment: 
         client.log_batch(run_id, params=config_params(config))
         client.log_dict(run_id, config.to_dict(), "config.json")
         client.log_dict(run_id, [], "events.json")
+    except BaseException as exc:
+        end_run(client, run_id, status_for(exc))
+        raise
+    return run_id
+
+
+def run_experiment(config: Config, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                   run_name: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
+                   callbacks: Iterable[Callback] = (), progress: bool = True,
+                   on_run_started: Callable[[str], None] | None = None) -> ExperimentResult:
+    """Train ``config`` as one MLflow run; returns its run id and the metric history."""
+    config.validate()
+    client = connect(tracking_uri)
+    run_id = create_config_run(client, config, experiment, run_name, parent_run_id, tags)
+    try:
         tracker = MlflowTracker(client, run_id)
         trainer = Trainer(config, [tracker, *callbacks], progress=progress)
         if on_run_started is not None:

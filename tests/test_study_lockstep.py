@@ -1,0 +1,71 @@
+"""A study in lockstep mode: batches of K trials asked from Optuna, trained in one LockstepTrainer, each told
+back and each its own MLflow child run. Real Optuna storage and real MLflow (embedded store), the real CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from test_study import ENV, study_runs, write_spec
+
+optuna = pytest.importorskip("optuna")
+from mlflow import MlflowClient  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+
+def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path):
+    """6 trials as two batches of 3; a pruner that prunes some trials mid-batch while the others go on."""
+    spec = write_spec(tmp_path, "lock", max_steps=200,
+                      pruner='name = "median"\nn_startup_trials = 3\nn_warmup_steps = 0\nreport_every = 20')
+    done = run_cli("study", str(spec), "--lockstep", "3", "--n-trials", "6", "--no-progress", cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    study = optuna.load_study(study_name="lock", storage=storage)
+    trials = study.get_trials()
+    assert len(trials) == 6
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials[:3])  # the pruner's startup trials
+    assert any(t.state == TrialState.PRUNED for t in trials)  # stopped in the stack while the others went on
+    for t in trials:
+        if t.state == TrialState.COMPLETE:  # the same objective as one by one: steps, or 2 x budget
+            assert t.value == (t.user_attrs["generalization_step"] if t.user_attrs["generalized"] else 400.0)
+        assert t.intermediate_values and min(t.intermediate_values) == 20
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parents, children = study_runs(client, "studies-test", "lock")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    assert len(children) == 6
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [t.number for t in trials]
+    by_run = {r.info.run_id: r for r in children}
+    for t in trials:
+        run = by_run[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert float(run.data.params["train_frac"]) == pytest.approx(t.params["train_frac"])
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        assert [m.step for m in history][:2] == [0, 10]
+        checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+        if t.state == TrialState.COMPLETE:
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["optuna.trial_state"] == "COMPLETE"
+            assert history[-1].step == t.user_attrs["final_step"]
+            assert f"checkpoints/step_{t.user_attrs['final_step']:07d}.pt" in checkpoints
+            figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+            assert "figures/learning_curves.png" in figures
+        else:
+            assert run.info.status == "KILLED"
+            assert run.data.tags["optuna.trial_state"] == "PRUNED"
+            assert history[-1].step == int(run.data.tags["optuna.pruned_step"]) == max(t.intermediate_values)
+    assert parents[0].data.metrics["n_complete"] + parents[0].data.metrics.get("n_pruned", 0) == 6
+
+
+def test_lockstep_refuses_a_searched_model_shape(tmp_path):
+    spec = write_spec(tmp_path, "shape")
+    spec.write_text(spec.read_text().replace("[search]\n", '[search]\nd_model = { choices = [32, 64] }\n'))
+    done = run_cli("study", str(spec), "--lockstep", "2", cwd=tmp_path, env=ENV, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lockstep trials must share" in lines[0] and "d_model" in lines[0], done.stderr
