@@ -821,15 +821,14 @@ def _best_vs_preset(study, spec: StudySpec, client):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = []
     if best_run:
-        curves.append((f"best trial {best.number} ({', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in best.params.items())})",
-                       fetch_history(client, best_run)))
+        curves.append((f"best trial {best.number}", fetch_history(client, best_run)))
     experiments = [e.experiment_id for e in client.search_experiments()]
     seed_runs = client.search_runs(experiments, f"tags.`grokking_tracked.preset` = '{spec.compare_preset}' and "
                                                 f"attributes.status = 'FINISHED'",
                                    order_by=["attributes.start_time DESC"], max_results=20) if experiments else []
     seed_runs = [r for r in seed_runs if r.data.tags.get(ROLE_TAG) != "study"]  # a study's parent is no run
     if seed_runs:
-        curves.append((f"`{spec.compare_preset}` preset run {seed_runs[0].info.run_id[:8]}",
+        curves.append((f"`{spec.compare_preset}` preset ({seed_runs[0].info.run_id[:8]})",
                        fetch_history(client, seed_runs[0].info.run_id)))
     for color, (label, history) in zip(("tab:blue", "tab:orange"), curves):
         history = [(s, m) for s, m in history if s > 0]  # log-scaled steps
@@ -850,7 +849,9 @@ def _best_vs_preset(study, spec: StudySpec, client):
         fig.text(0.5, 0.01, f"no FINISHED run of the `{spec.compare_preset}` preset in this tracking store "
                             f"(train one: grokking-tracked run --preset {spec.compare_preset}); only the best trial shown",
                  ha="center", fontsize=8, color="tab:red")
-    fig.suptitle(f"study {study.study_name}: best trial vs `{spec.compare_preset}` preset")
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+    fig.suptitle(f"study {study.study_name}: best trial {best.number} ({params}) vs `{spec.compare_preset}` preset",
+                 fontsize=10)
     return fig
 
 
