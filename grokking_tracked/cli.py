@@ -13,13 +13,9 @@ from typing import Any
 
 import click
 
-from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, WD_SCHEDULES, ConfigError
+from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, WD_SCHEDULES, ConfigError, UserError
 
 TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite + artifacts under ./mlruns/)."
-
-
-class UserError(Exception):
-    """Anything the user can fix; printed as one line."""
 
 
 def tracking_uri_option(f):
@@ -204,17 +200,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("grokking-tracked: interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
-        if not _is_user_error(exc) and os.environ.get("GROKKING_TRACKED_DEBUG"):
+        user_error = isinstance(exc, UserError)
+        if not user_error and os.environ.get("GROKKING_TRACKED_DEBUG"):
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        prefix = "" if _is_user_error(exc) else f"{type(exc).__name__}: "
+        prefix = "" if user_error else f"{type(exc).__name__}: "
         click.echo(f"grokking-tracked: error: {prefix}{message}", err=True)
         sys.exit(1)
-
-
-def _is_user_error(exc: Exception) -> bool:
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"UserError", "ConfigError", "TrackingError", "CheckpointError", "StudyError"})
 
 
 if __name__ == "__main__":

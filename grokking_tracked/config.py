@@ -18,7 +18,13 @@ WD_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of every error a user can cause and fix; the CLI prints its message as one line.
+
+    It lives here because config.py imports nothing heavy: the CLI can catch it without loading torch."""
+
+
+class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; its message is one line fit for stderr."""
 
 

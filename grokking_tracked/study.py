@@ -38,7 +38,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .config import PRESETS, Config, ConfigError, preset
+from .config import PRESETS, Config, ConfigError, UserError, preset
 from .train import Callback, TrainingStopped
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -53,7 +53,7 @@ ROLE_TAG = "grokking_tracked.role"
 MAX_CONSECUTIVE_FAILURES = 3
 
 
-class StudyError(Exception):
+class StudyError(UserError):
     """A user-facing study problem (bad spec, unreachable storage); its message is one line."""
 
 

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from . import figures
-from .config import Config
+from .config import Config, UserError
 from .analysis.checkpoints import CheckpointError, load_checkpoint
 from .train import Callback, Trainer, TrainingStopped, TrainResult
 
@@ -32,7 +32,7 @@ CHECKPOINT_DIR = "checkpoints"
 DEFAULT_EXPERIMENT = "grokking"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A user-facing tracking problem (unreachable server, unknown run, missing artifact); one line."""
 
 

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from conftest import free_port, run_cli
 from grokking_tracked.config import preset
-from grokking_tracked.tracking import run_experiment
+from grokking_tracked.tracking import ensure_experiment, run_experiment
 
 ANALYSIS_FILES = {"summary.json", "progress_measures.png", "fourier_spectrum.png", "attention_patterns.png",
                   "attention_change.png", "activation_stats.png", "gradient_flow.png", "weight_evolution.png"}
@@ -77,7 +77,7 @@ def test_compare_draws_runs_on_shared_axes_and_logs_it(mlflow_server, trained_ru
 
 def plant_run(client: MlflowClient, checkpoint_bytes: bytes | None, tmp_path, config=None) -> str:
     """A run that looks like ours (config.json) with the given bytes as its only checkpoint."""
-    experiment = client.get_experiment_by_name("analyze").experiment_id
+    experiment = ensure_experiment(client, "analyze")
     run_id = client.create_run(experiment).info.run_id
     client.log_dict(run_id, (config or preset("default", p=59)).to_dict(), "config.json")
     if checkpoint_bytes is not None:

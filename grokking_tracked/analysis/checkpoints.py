@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from ..config import UserError
+
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 _REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line fit for stderr."""
 
 
