@@ -8,6 +8,7 @@ for ``--resume`` and ``analyze``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -155,14 +156,18 @@ class MlflowTracker(Callback):
         self._pending_uploads.append(self._uploads.submit(function, *args))
 
     def on_checkpoint(self, trainer: Trainer, step: int, reasons: list[str]) -> None:
-        # Metrics up to this step are persisted before the checkpoint exists: a resume from it never
-        # has to guess what was logged before.
-        self.flush_metrics()
-        path = Path(self._scratch.name) / Path(checkpoint_name(step)).name
-        torch.save(trainer.state_dict(), path)  # serialised now; uploaded in the background
-        self._upload(self._log_and_remove, path)
+        # The loop only snapshots the state (a copy on the device, no host sync); serialising and uploading
+        # happen on the upload thread. That thread first waits for the metrics sent so far, so a checkpoint
+        # never exists before the metrics of its steps: a resume from it never has to guess what was logged.
+        self._send()
+        metrics_sent, self._pending_metrics = self._pending_metrics, []
+        self._upload(self._save_and_log, step, copy.deepcopy(trainer.state_dict()), metrics_sent)
 
-    def _log_and_remove(self, path: Path) -> None:
+    def _save_and_log(self, step: int, state: dict, metrics_sent: list) -> None:
+        for operation in metrics_sent:
+            operation.wait()
+        path = Path(self._scratch.name) / Path(checkpoint_name(step)).name
+        torch.save(state, path)
         self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
         path.unlink()
 
