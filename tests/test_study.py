@@ -127,6 +127,44 @@ def test_study_end_to_end_resume_and_pruning(tmp_path):
     assert len(children) == 4
 
 
+@pytest.mark.parametrize("target", ["seconds", "steps_vs_train_frac"])
+def test_seconds_and_pareto_objectives(tmp_path, target):
+    """The other two objectives: seconds to generalize (penalty: penalty_factor x the seconds trained) and the
+    Pareto front of steps to generalize vs train fraction (two directions, a Pareto-front figure)."""
+    spec = write_spec(tmp_path, target)
+    spec.write_text(spec.read_text().replace('target = "steps"', f'target = "{target}"').replace("n_trials = 3",
+                                                                                              "n_trials = 2"))
+    done = run_cli("study", str(spec), "--no-progress", cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name=target, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (parent,), children = study_runs(client, "studies-test", target)
+    figures = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "figures")}
+    for t in trials:
+        attrs = t.user_attrs
+        if target == "seconds":
+            assert len(study.directions) == 1
+            if attrs["generalized"]:
+                assert 0 < t.value <= attrs["train_seconds"] + 1e-3
+            else:
+                assert t.value == pytest.approx(2.0 * attrs["train_seconds"], abs=2e-3)
+        else:
+            assert len(study.directions) == 2
+            steps = attrs["generalization_step"] if attrs["generalized"] else 2.0 * 60
+            assert t.values == [steps, pytest.approx(t.params["train_frac"])]
+        run = client.get_run(attrs["mlflow_run_id"])
+        assert run.data.tags["optuna.trial_state"] == "COMPLETE"
+        assert run.data.tags["optuna.value"] == str(t.value if target == "seconds" else tuple(t.values))
+    if target == "seconds":
+        assert parent.data.tags["optuna.best_trial_number"] == str(study.best_trial.number)
+        assert {"optimization_history.png", "best_vs_seed_preset.png"} <= figures
+    else:
+        assert "optuna.best_trial_number" not in parent.data.tags  # no single best on a Pareto front
+        assert {"pareto_front.png", "steps_vs_train_frac.png"} <= figures
+
+
 def test_two_workers_on_postgres(tmp_path, postgres_url, mlflow_server):
     """--workers 2 on one PostgreSQL study and one MLflow server: N trials, none duplicated, each in MLflow once."""
     spec = write_spec(tmp_path, "pg_workers")
