@@ -8,8 +8,8 @@ is not a tensor or a plain container, before anything is called.
 from __future__ import annotations
 
 import pickle
-import warnings
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
