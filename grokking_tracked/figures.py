@@ -1,71 +1,143 @@
-"""Figures of a training run (matplotlib / seaborn). Each function returns a Figure; the caller saves or logs it."""
+"""Figures of a training run, and the one style and saving helper every figure of the package uses.
+
+Every figure is a ``matplotlib.figure.Figure`` built directly (no ``pyplot``): nothing here touches
+matplotlib's global state, so ``import grokking_tracked`` in a notebook keeps inline plotting and its
+backend. The style is applied with ``matplotlib.rc_context`` around building and saving only
+(``@styled``), never process-wide.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
+from cycler import cycler
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files, never a window: runs on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
+EVENT_STYLE = {"memorization": ("#E69F00", "--"), "onset": ("#CC79A7", ":"), "generalization": ("#009E73", "-."),
+               "circuit_formation": ("#56B4E9", (0, (5, 2, 1, 2))), "cleanup": ("#D55E00", (0, (1, 1))),
+               "cleanup_end": ("#7f7f7f", (0, (3, 1, 1, 1, 1, 1)))}
+SPLIT_COLORS = {"train": "#0072B2", "test": "#D55E00"}
+DPI = 110
 
-EVENT_STYLE = {"memorization": ("tab:orange", "--"), "onset": ("tab:purple", ":"), "generalization": ("tab:green", "-.")}
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies; 8 colours.
+_BASE_COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+
+STYLE = {
+    "figure.facecolor": "white", "axes.facecolor": "white", "savefig.facecolor": "white",
+    "axes.edgecolor": "#444444", "axes.linewidth": 0.8, "axes.grid": True, "grid.color": "#dddddd",
+    "grid.linewidth": 0.6, "axes.spines.top": False, "axes.spines.right": False,
+    "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+    "legend.fontsize": 8, "legend.frameon": False, "figure.titlesize": 12, "lines.linewidth": 1.5,
+    "lines.markersize": 4, "axes.prop_cycle": cycler(color=_BASE_COLORS),
+    "figure.dpi": DPI, "savefig.dpi": DPI, "image.cmap": "viridis",
+}
 
 
-def _series(history: Sequence[tuple[int, dict]], key: str) -> tuple[list[int], list[float]]:
-    points = [(step, metrics[key]) for step, metrics in history if key in metrics]
+@contextlib.contextmanager
+def style():
+    """The package's one figure style, for the duration of the block only."""
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def styled(build):
+    """Decorator: build a figure inside ``style()`` (rc parameters are read when artists are created)."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with style():
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (8, 4.5), **subplot_kw):
+    """A constrained-layout ``Figure`` and its (nrows, ncols) array of axes; call inside ``style()``/``@styled``.
+
+    Constrained layout keeps colour bars, legends and labels from covering their neighbours."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
+    return fig, axes
+
+
+def colors(n: int) -> list:
+    """``n`` distinct colours: the 8-colour base palette, then evenly spaced hues (never a repeated colour)."""
+    if n <= len(_BASE_COLORS):
+        return _BASE_COLORS[:n]
+    import seaborn as sns
+
+    return list(sns.color_palette("husl", n))
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG in the package style; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with style():
+        fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _series(history: Sequence[tuple[int, dict]], key: str, positive: bool = False) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric; ``positive`` drops values <= 0 (they have no place on a log axis)."""
+    points = [(step, metrics[key]) for step, metrics in history
+              if key in metrics and metrics[key] is not None and (not positive or metrics[key] > 0)]
     return [s for s, _ in points], [v for _, v in points]
 
 
-def _mark_events(ax, events: Sequence[dict]) -> None:
+def mark_events(ax, events: Sequence[dict]) -> None:
     for event in events:
-        color, style = EVENT_STYLE.get(event["event"], ("gray", "--"))
-        ax.axvline(event["step"], color=color, linestyle=style, linewidth=1.2,
-                   label=f"{event['event']} @ {event['step']}")
+        color, linestyle = EVENT_STYLE.get(event["event"], ("gray", "--"))
+        ax.axvline(event["step"], color=color, linestyle=linestyle, linewidth=1.2,
+                   label=f"{event['event'].replace('_', ' ')} @ {event['step']:,}")
 
 
-def learning_curves(history: Sequence[tuple[int, dict]], events: Sequence[dict] = (), title: str = "") -> plt.Figure:
+@styled
+def learning_curves(history: Sequence[tuple[int, dict]], events: Sequence[dict] = (), title: str = "") -> Figure:
     """Loss (log scale) and accuracy of train and test, with the detection events marked."""
-    sns.set_theme(style="whitegrid")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for split, color in (("train", "tab:blue"), ("test", "tab:red")):
-        steps, losses = _series(history, f"{split}_loss")
-        ax_loss.plot(steps, [max(v, 1e-12) for v in losses], color=color, label=f"{split} loss")
+    fig, ((ax_loss, ax_acc),) = new_figure(1, 2, figsize=(12, 4.5))
+    for split, color in SPLIT_COLORS.items():
+        steps, losses = _series(history, f"{split}_loss", positive=True)
+        ax_loss.plot(steps, losses, color=color, label=f"{split} loss")
         steps, accs = _series(history, f"{split}_acc")
         ax_acc.plot(steps, accs, color=color, label=f"{split} accuracy")
     ax_loss.set_yscale("log")
     ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
     ax_acc.set(xlabel="optimizer step", ylabel="accuracy", title="Accuracy", ylim=(-0.02, 1.02))
     for ax in (ax_loss, ax_acc):
-        _mark_events(ax, events)
-        ax.legend(fontsize=8, loc="best")
+        mark_events(ax, events)
+        ax.legend(loc="best")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
-def norm_curves(history: Sequence[tuple[int, dict]], events: Sequence[dict] = ()) -> plt.Figure:
-    """Total weight norm and gradient norm over training (weight decay's clean-up shows as a falling weight norm)."""
-    sns.set_theme(style="whitegrid")
-    fig, (ax_w, ax_g) = plt.subplots(1, 2, figsize=(12, 4))
+@styled
+def norm_curves(history: Sequence[tuple[int, dict]], events: Sequence[dict] = ()) -> Figure:
+    """Total weight norm and gradient norm over training (weight decay's clean-up shows as a falling weight norm).
+
+    The gradient norm at step 0 is 0 (no backward yet): it is left off the log axis rather than drawn at 1e-12."""
+    fig, ((ax_w, ax_g),) = new_figure(1, 2, figsize=(12, 4))
     steps, values = _series(history, "weight_norm")
-    ax_w.plot(steps, values, color="tab:brown")
+    ax_w.plot(steps, values, color="#8c564b")
     ax_w.set(xlabel="optimizer step", ylabel="L2 norm of all parameters", title="Weight norm")
-    steps, values = _series(history, "grad_norm")
-    ax_g.plot(steps, [max(v, 1e-12) for v in values], color="tab:gray")
+    steps, values = _series(history, "grad_norm", positive=True)
+    ax_g.plot(steps, values, color="#444444")
     ax_g.set_yscale("log")
     ax_g.set(xlabel="optimizer step", ylabel="L2 norm of the gradient", title="Gradient norm")
     for ax in (ax_w, ax_g):
-        _mark_events(ax, events)
+        mark_events(ax, events)
         if events:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+            ax.legend()
     return fig
 
 
-def attention_heatmap(model, p: int, layer: int = 0) -> plt.Figure:
+@styled
+def attention_heatmap(model, p: int, layer: int = 0) -> Figure:
     """Attention paid by the "=" position to operand a, per head, over the whole (a, b) grid.
 
     Read from ``blocks.{layer}.attn.hook_pattern`` with ``run_with_cache``: a generalising model shows
@@ -82,16 +154,11 @@ def attention_heatmap(model, p: int, layer: int = 0) -> plt.Figure:
     to_a = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
     grid = rearrange(to_a, "(a b) head -> head a b", a=p, b=p)
     n_heads = grid.shape[0]
-    fig, axes = plt.subplots(1, n_heads, figsize=(3.6 * n_heads, 3.4), squeeze=False)
+    fig, axes = new_figure(1, n_heads, figsize=(3.2 * n_heads + 1, 3.6))
     for head, ax in enumerate(axes[0]):
-        sns.heatmap(grid[head].numpy(), ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=head == n_heads - 1,
-                    xticklabels=False, yticklabels=False)
+        image = ax.imshow(grid[head].numpy(), vmin=0, vmax=1, origin="lower", interpolation="nearest")
         ax.set(title=f"head {head}", xlabel="b", ylabel="a" if head == 0 else "")
+        ax.grid(False)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label='attention "=" → a')
     fig.suptitle(f"Layer {layer}: attention from '=' to a")
-    fig.tight_layout()
     return fig
-
-
-def save(fig: plt.Figure, path) -> None:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

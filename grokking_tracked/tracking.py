@@ -203,7 +203,6 @@ def log_run_figures(client: MlflowClient, run_id: str, trainer: Trainer, result:
                       ("norms", figures.norm_curves(result.history, result.events)),
                       ("attention", figures.attention_heatmap(trainer.model, trainer.config.p))):
         client.log_figure(run_id, fig, f"figures/{name}.png")
-        figures.plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- run / resume
