@@ -18,7 +18,7 @@ import torch
 
 from _machine import describe
 from grokking_tracked.config import preset
-from grokking_tracked.lockstep import LockstepCallback, LockstepTrainer
+from grokking_tracked.lockstep import LockstepTrainer
 from grokking_tracked.train import Callback, Trainer
 
 
@@ -29,12 +29,13 @@ def trial_configs(name: str, k: int, total_steps: int, device: str):
             for i in range(k)]
 
 
-class Clock(Callback, LockstepCallback):
+class Clock(Callback):
+    """Wall time of the first evaluation at each step (a lockstep member or a Trainer alike)."""
+
     def __init__(self):
         self.at: dict[int, float] = {}
 
-    def on_eval(self, trainer, *args):  # Trainer: (step, metrics, events); lockstep: (index, step, ...)
-        step = args[0] if isinstance(trainer, Trainer) else args[1]
+    def on_eval(self, run, step, metrics, events):
         self.at.setdefault(step, time.perf_counter())
 
 

@@ -2,20 +2,49 @@
 
 Heavy modules (torch, mlflow, transformer_lens) are imported inside the commands so that ``--help``
 and input errors answer at once. Every error a user can cause ends as one line on stderr.
+
+This is the one place that sets process-wide state (the library leaves the process as it found it): signal
+handlers, MLflow's HTTP client settings, the matplotlib backend and Optuna's verbosity (``configure_process``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, WD_SCHEDULES, ConfigError, UserError
 
+# MLflow's client settings for a command-line process (read from the environment by MLflow; set before it is
+# imported). MLflow retries 7 times with exponential back-off by default: minutes before an error, and minutes
+# before an outage is noticed; its INFO lines (database migrations) would break our one-line errors.
+MLFLOW_CLIENT_ENVIRONMENT = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # ours shows checkpoint by checkpoint
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
 TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite + artifacts under ./mlruns/)."
+
+
+def configure_process(optuna_quiet: bool = False) -> None:
+    """Process-wide settings of a command-line process, set once before the work starts."""
+    for key, value in MLFLOW_CLIENT_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # where mlflow was imported already
+    import matplotlib
+
+    matplotlib.use("Agg")  # files, never windows: optuna's figures go through pyplot
+    if optuna_quiet:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
 
 
 def tracking_uri_option(f):
@@ -80,6 +109,7 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
         if unsupported or preset != "default":
             raise UserError("--resume continues a run with its own config; only --max-steps may be given "
                             f"(got {', '.join('--' + k.replace('_', '-') for k in unsupported) or '--preset'})")
+        configure_process()
         from .tracking import resume_experiment
 
         outcome = resume_experiment(resume_run_id, tracking_uri, progress=progress,
@@ -88,6 +118,7 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
         from .config import preset as make_preset
 
         config = make_preset(preset, **overrides)  # validated before anything heavy loads
+        configure_process()
         from .tracking import run_experiment
 
         outcome = run_experiment(config, tracking_uri, experiment=experiment, run_name=run_name, progress=progress,
@@ -104,7 +135,8 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @tracking_uri_option
 def analyze(run_id: str, output: str | None, progress: bool, tracking_uri: str | None) -> None:
-    """Fetch RUN_ID's checkpoints from the tracking server, analyse them, log the results under analysis/."""
+    """Fetch RUN_ID's checkpoints from the tracking server, analyse them, log the results under analysis/N/."""
+    configure_process()
     from .tracking import analyze_run
 
     summary = analyze_run(run_id, tracking_uri, output=output, progress=progress)
@@ -121,6 +153,7 @@ def analyze(run_id: str, output: str | None, progress: bool, tracking_uri: str |
 @tracking_uri_option
 def compare(run_ids: tuple[str, ...], output: str, log_to: str | None, tracking_uri: str | None) -> None:
     """Draw learning curves and progress measures of several runs on shared axes."""
+    configure_process()
     from .tracking import compare_runs
 
     click.echo(f"wrote {compare_runs(list(run_ids), output, tracking_uri, log_to=log_to)}")
@@ -132,16 +165,19 @@ def compare(run_ids: tuple[str, ...], output: str, log_to: str | None, tracking_
 @tracking_uri_option
 def ui(host: str, port: int, tracking_uri: str | None) -> None:
     """Serve the MLflow UI over the project's store."""
-    from .tracking import resolve_tracking_uri
+    from .tracking.store import is_remote, local_store_dir, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith(("http://", "https://")):
+    if is_remote(uri):
         raise UserError(f"{uri} is a tracking server already: open it in a browser")
-    command = ["mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if uri == resolve_tracking_uri(None):  # the embedded store keeps its artifacts beside the database
-        command += ["--default-artifact-root", os.path.abspath("mlruns")]
+    store = local_store_dir(uri)
+    if store is None or not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"no MLflow store at {uri} yet: run an experiment first")
+    # The venv's own MLflow (the first `mlflow` on PATH may be another one, or none).
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+               "--port", str(port), "--default-artifact-root", str(store / "artifacts")]
     click.echo(f"MLflow UI on http://{host}:{port} over {uri}", err=True)
-    os.execvp(command[0], command)
+    os.execv(command[0], command)
 
 
 @cli.command()
@@ -151,7 +187,10 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
 @click.option("--storage", default=None, metavar="URL",
               help="Optuna RDB storage (default: sqlite under ./mlruns/optuna.db); postgresql://... for workers.")
 @click.option("--study-name", default=None, help="Study name (default: the spec's); the same name resumes or joins it.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--workers", default="auto", show_default=True, metavar="N|auto",
+              help="Worker processes on this machine; auto: one single-threaded worker per CPU core (one per GPU). "
+                   "The default SQLite storage serves the workers of one machine; workers on several machines "
+                   "need --storage postgresql://...")
 @click.option("--lockstep", type=int, default=None, metavar="K",
               help="Train K trials at once in one process (default: the spec's [study] lockstep, else 1).")
 @click.option("--dashboard", is_flag=True, help="Serve optuna-dashboard over the storage instead of running trials.")
@@ -160,16 +199,25 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @tracking_uri_option
 def study(spec: str, n_trials: int | None, timeout: float | None, storage: str | None, study_name: str | None,
-          workers: int, lockstep: int | None, dashboard: bool, port: int, experiment: str | None, progress: bool,
+          workers: str, lockstep: int | None, dashboard: bool, port: int, experiment: str | None, progress: bool,
           tracking_uri: str | None) -> None:
     """Run, resume or join an Optuna study from a TOML spec in studies/; every trial is an MLflow run."""
+    if workers != "auto" and not workers.isdigit():
+        raise UserError(f"--workers expects a positive integer or 'auto', got {workers!r}")
+    configure_process(optuna_quiet=True)
     from . import study as study_module
 
     if dashboard:
-        study_module.serve_dashboard(spec, storage, port)
+        from .study.dashboard import serve_dashboard
+        from .study.storage import default_storage
+        from .tracking.store import resolve_tracking_uri
+
+        serve_dashboard(storage or default_storage(resolve_tracking_uri(tracking_uri)), port,
+                        echo=lambda line: click.echo(line, err=True))
         return
     summary = study_module.run_study(spec, n_trials=n_trials, timeout=timeout, storage=storage,
-                                     study_name=study_name, workers=workers, tracking_uri=tracking_uri,
+                                     study_name=study_name, tracking_uri=tracking_uri,
+                                     workers=workers if workers == "auto" else int(workers),
                                      experiment=experiment, progress=progress, lockstep=lockstep,
                                      echo=lambda message: click.echo(message, err=True))
     counts = summary["counts"]

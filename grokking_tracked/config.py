@@ -16,6 +16,11 @@ OPERATIONS = ("add", "sub", "mul", "div")
 LR_SCHEDULES = ("constant", "warmup", "cyclic", "plateau")
 WD_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+NORMALIZATIONS = ("none", "ln")
+# The fields that fix the task and the model's parameter shapes: a checkpoint fits a config iff these agree,
+# and trials trained in one lockstep stack must share them.
+TASK_FIELDS = ("p", "operation")
+MODEL_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp", "normalization")
 
 
 class UserError(Exception):
@@ -26,6 +31,54 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; its message is one line fit for stderr."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric field accepts: a type and an interval (``None``: unbounded on that side)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def _format(self, bound: float) -> str:
+        return f"{int(bound):,}" if self.kind is int else f"{bound:g}"
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else self._format(self.low)
+        high = "inf" if self.high is None else self._format(self.high)
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is refused (a phrase to put after the field name), or None."""
+        noun = "an integer" if self.kind is int else "a finite number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                self.kind is int and not isinstance(value, int)) or not math.isfinite(value):
+            return f"must be {noun} in {self}, got {value!r}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {noun} in {self}, got {value!r}" if too_low or too_high else None
+
+
+BIG = 10 ** 9  # step counts beyond this are typos, not experiments
+FIELD_DOMAINS: dict[str, Domain] = {
+    "p": Domain(int, 3, 5000), "train_frac": Domain(float, 0, 1, True, True), "data_seed": Domain(int, 0, 2 ** 63 - 1),
+    "d_model": Domain(int, 1, 16384), "n_layers": Domain(int, 1, 128), "n_heads": Domain(int, 1, 1024),
+    "d_mlp": Domain(int, 1, 65536), "seed": Domain(int, 0, 2 ** 63 - 1),
+    "lr": Domain(float, 0, 10, low_open=True), "weight_decay": Domain(float, 0, 1e4),
+    "beta1": Domain(float, 0, 1, high_open=True), "beta2": Domain(float, 0, 1, high_open=True),
+    "max_steps": Domain(int, 1, BIG), "eval_every": Domain(int, 1, BIG), "checkpoint_every": Domain(int, 0, BIG),
+    "warmup_steps": Domain(int, 1, BIG), "cyclic_period": Domain(int, 2, BIG),
+    "cyclic_min_ratio": Domain(float, 0, 1, low_open=True), "plateau_factor": Domain(float, 0, 1, True, True),
+    "plateau_patience": Domain(int, 0, BIG), "wd_final": Domain(float, 0, 1e4), "wd_schedule_steps": Domain(int, 1, BIG),
+    "curriculum_start_frac": Domain(float, 0, 1, low_open=True), "curriculum_steps": Domain(int, 0, BIG),
+    "grokfast_alpha": Domain(float, 0, 1, high_open=True), "grokfast_lambda": Domain(float, 0, 1000),
+    "memorization_threshold": Domain(float, 0, 1, low_open=True),
+    "generalization_threshold": Domain(float, 0, 1, low_open=True),
+    "onset_loss_drop": Domain(float, 0, 1, True, True), "stop_margin": Domain(int, 0, BIG),
+}
 
 
 def is_prime(n: int) -> bool:
@@ -93,39 +146,42 @@ class Config:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "Config":
+        """Refuse, with one line naming the field, any value outside its domain (``FIELD_DOMAINS``), any choice
+        that is not one of its options, and combinations that cannot train."""
+        for name, domain in FIELD_DOMAINS.items():
+            problem = domain.problem(getattr(self, name))
+            if problem:
+                raise ConfigError(f"{name} {problem}")
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
-        need(isinstance(self.p, int) and self.p >= 3, f"p must be an integer >= 3, got {self.p!r}")
-        need(self.operation in OPERATIONS,
-             f"unknown operation {self.operation!r}; choose one of {', '.join(OPERATIONS)}")
+        for name, options in (("operation", OPERATIONS), ("lr_schedule", LR_SCHEDULES), ("wd_schedule", WD_SCHEDULES),
+                              ("normalization", NORMALIZATIONS)):
+            need(getattr(self, name) in options,
+                 f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(options)}")
         need(self.operation != "div" or is_prime(self.p),
              f"operation 'div' needs a prime p (b must be invertible mod p); {self.p} is not prime")
-        need(0.0 < self.train_frac < 1.0, f"train_frac must lie strictly between 0 and 1, got {self.train_frac!r}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must lie in [0, 1)")
-        need(self.d_model >= 1 and self.n_heads >= 1 and self.d_model % self.n_heads == 0,
+        need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
-        need(self.n_layers >= 1 and self.d_mlp >= 1, "n_layers and d_mlp must be >= 1")
-        need(self.normalization in ("none", "ln"), "normalization must be 'none' or 'ln'")
-        need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps!r}")
-        need(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every!r}")
-        need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: only event and final checkpoints)")
-        need(self.lr_schedule in LR_SCHEDULES,
-             f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-        need(self.wd_schedule in WD_SCHEDULES,
-             f"unknown wd_schedule {self.wd_schedule!r}; choose one of {', '.join(WD_SCHEDULES)}")
-        need(0 < self.curriculum_start_frac <= 1, "curriculum_start_frac must lie in (0, 1]")
-        need(0 <= self.grokfast_alpha < 1, "grokfast_alpha must lie in [0, 1)")
-        need(self.grokfast_lambda >= 0, "grokfast_lambda must be >= 0")
-        need(0 < self.memorization_threshold <= 1 and 0 < self.generalization_threshold <= 1,
-             "detection thresholds must lie in (0, 1]")
-        need(0 < self.onset_loss_drop < 1, "onset_loss_drop must lie strictly between 0 and 1")
-        need(self.device in DEVICES or self.device.startswith("cuda:"),
+        # AdamW's decoupled decay multiplies the weights by (1 - lr * weight_decay) each step: at >= 1 they flip
+        # sign or vanish every step and training turns to NaN.
+        for decay in ("weight_decay", "wd_final"):
+            need(self.lr * getattr(self, decay) < 1,
+                 f"lr x {decay} must be < 1 (AdamW multiplies the weights by 1 - lr*{decay} each step), got "
+                 f"{self.lr:g} x {getattr(self, decay):g}")
+        need(isinstance(self.device, str) and (self.device in DEVICES or
+                                               (self.device.startswith("cuda:") and self.device[5:].isdigit())),
              f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")
         return self
+
+    def estimated_memory_bytes(self) -> int:
+        """A generous estimate of peak memory while training (evaluation over all p^2 pairs dominates: logits in
+        float32 plus the float64 log-softmax, ~20 bytes per (pair, class); activations per pair). Measured peaks
+        are 2-3x lower (benchmarks/scale.py), so refusing above it only refuses what cannot fit."""
+        pairs = self.p * self.p
+        return int(pairs * (20 * self.p + 8 * self.d_mlp * self.n_layers + 48 * self.d_model * self.n_layers))
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

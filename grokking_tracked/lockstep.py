@@ -12,11 +12,14 @@ they share the task and the architecture. Design:
 - Different train fractions and data seeds: each model's training set is gathered from all p² pairs and padded
   to the largest; the loss is a weighted sum whose weights are 1/n_train on real examples, 0 on padding, so
   each model's gradient is the gradient of its own mean loss.
-- Evaluation: every active model on all pairs at once, per-model train/test metrics from membership masks,
-  read back with ONE host sync; per-model histories and ``GrokDetector`` events; a model stops on its own
-  (generalised + stop_margin, its max_steps, or ``stop(k)`` e.g. a pruned Optuna trial) and leaves the stack.
-
-Results are one ``TrainResult`` per model, so a study can log each as its own MLflow run.
+- Evaluation: every active model on all pairs at once, per-model train/test metrics from membership masks
+  (the same ``split_metrics`` as ``Trainer``), read back with ONE host sync; per-model histories and
+  ``GrokDetector`` events.
+- Each model is a ``LockstepMember`` that callbacks see exactly as they see a ``Trainer``: the same ``Callback``
+  methods (start, eval, checkpoint, end, stopped), the same stop rule and checkpoint cadence (``planned_stop`` and
+  ``checkpoint_reasons`` from train.py), and a ``state_dict()`` in the same checkpoint format. A member whose
+  callback raises (``TrainingStopped`` for a pruned trial, or an error) stops alone and leaves the stack; the
+  others go on.
 
     trainer = LockstepTrainer([preset("default", lr=lr, train_frac=f) for lr, f in grid], progress=False)
     results = trainer.train()          # list[TrainResult], in the order of the configs
@@ -25,31 +28,24 @@ Results are one ``TrainResult`` per model, so a study can log each as its own ML
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import MODEL_SHAPE_FIELDS, TASK_FIELDS, Config
 from .data import all_pairs, make_dataset
 from .detect import GrokDetector
+from .metrics import EVAL_METRICS, per_example_loss, split_metrics, weight_and_grad_norms
 from .model import GrokkingTransformer
-from .train import CHECKPOINT_FORMAT, TrainResult, resolve_device, configure_threads
+from .train import (Callback, TrainResult, checkpoint_reasons, checkpoint_state, default_threads, make_detector,
+                    planned_stop, resolve_device, torch_threads)
 
-SHARED_FIELDS = ("p", "operation", "d_model", "n_layers", "n_heads", "d_mlp", "normalization", "device",
-                 "eval_every")
-METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm")
-
-
-class LockstepCallback:
-    """Per-model hooks; every method is optional. ``trainer.stop(index)`` ends one model (e.g. pruning)."""
-
-    def on_eval(self, trainer: "LockstepTrainer", index: int, step: int, metrics: dict[str, float],
-                events: list[dict]) -> None: ...
-
-    def on_model_end(self, trainer: "LockstepTrainer", index: int, result: TrainResult) -> None: ...
+# What every member of one stack must share: one task, one architecture, one device, one evaluation cadence.
+SHARED_FIELDS = (*TASK_FIELDS, *MODEL_SHAPE_FIELDS, "device", "eval_every")
 
 
 def check_compatible(configs: Sequence[Config]) -> None:
@@ -70,28 +66,54 @@ def check_compatible(configs: Sequence[Config]) -> None:
                              f"{', '.join(unsupported)} to their defaults or train this trial with Trainer")
 
 
-@dataclass
-class _Trial:
+@dataclass(eq=False)
+class LockstepMember:
+    """One model of the stack, with what callbacks read of a ``Trainer`` (config, model, detector, history, step,
+    ``state_dict()``)."""
+
+    trainer: "LockstepTrainer"
+    index: int
     config: Config
     model: GrokkingTransformer
     train_index: torch.Tensor  # (n_train,) positions in all_pairs order
     detector: GrokDetector
-    stop_at: int
-    history: list
+    callbacks: list[Callback]
+    history: list = field(default_factory=list)
     stopped: str | None = None  # stop reason once finished
     final_step: int = 0
     seconds: float = 0.0
 
+    @property
+    def step(self) -> int:
+        return self.final_step if self.stopped else self.trainer.step
+
+    @property
+    def stop_at(self) -> int:
+        return planned_stop(self.config, self.detector)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.trainer.state_dict(self.index)
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.history, list(self.detector.events), self.step, self.seconds,
+                           self.stopped or "running")
+
 
 class LockstepTrainer:
-    def __init__(self, configs: Sequence[Config], callbacks: Sequence[LockstepCallback] = (), progress: bool = True):
+    """``callbacks``: given to every member; ``member_callbacks[k]``: member k's own (e.g. its MLflow tracker).
+    ``threads``: torch intra-op threads while training, restored afterwards (default: ``default_threads``)."""
+
+    def __init__(self, configs: Sequence[Config], callbacks: Sequence[Callback] = (),
+                 member_callbacks: Sequence[Sequence[Callback]] | None = None, progress: bool = True,
+                 threads: int | None = None):
         check_compatible(configs)
         self.configs = list(configs)
-        self.callbacks = list(callbacks)
+        if member_callbacks is not None and len(member_callbacks) != len(self.configs):
+            raise ValueError("member_callbacks needs one list per config")
         self.progress = progress
         first = self.configs[0]
         self.device = resolve_device(first.device)
-        configure_threads(self.device)
+        self.threads = threads if threads is not None else default_threads(self.device)
         self.eval_every = first.eval_every
         tokens, labels = all_pairs(first.p, first.operation)
         self.tokens, self.labels = tokens.to(self.device), labels.to(self.device)
@@ -100,28 +122,28 @@ class LockstepTrainer:
         position = torch.full((first.p * first.p,), -1, dtype=torch.long)
         position[code] = torch.arange(len(code))
 
-        self.trials: list[_Trial] = []
-        for config in self.configs:
+        self.members: list[LockstepMember] = []
+        for k, config in enumerate(self.configs):
             data = make_dataset(config)
             train_index = position[data.train_tokens[:, 0] * first.p + data.train_tokens[:, 1]]
-            self.trials.append(_Trial(
-                config=config, model=GrokkingTransformer(config).to(self.device),
-                train_index=train_index.to(self.device),
-                detector=GrokDetector(config.memorization_threshold, config.generalization_threshold,
-                                      config.onset_loss_drop),
-                stop_at=config.max_steps, history=[]))
+            own = list(member_callbacks[k]) if member_callbacks is not None else []
+            self.members.append(LockstepMember(
+                trainer=self, index=k, config=config, model=GrokkingTransformer(config).to(self.device),
+                train_index=train_index.to(self.device), detector=make_detector(config),
+                callbacks=[*callbacks, *own]))
+
         self.optimizer = torch.optim.AdamW(
             [{"params": list(t.model.parameters()), "lr": t.config.lr, "weight_decay": t.config.weight_decay,
-              "betas": (t.config.beta1, t.config.beta2)} for t in self.trials],
+              "betas": (t.config.beta1, t.config.beta2)} for t in self.members],
             fused=self.device.type in ("cpu", "cuda"))
         # The stand-in module whose structure functional_call uses; its own parameters are never read.
-        self._shape_model = self.trials[0].model
+        self._shape_model = self.members[0].model
         self._names = [name for name, _ in self._shape_model.named_parameters()]
-        n_max = max(len(t.train_index) for t in self.trials)
-        self._train_index = torch.zeros(len(self.trials), n_max, dtype=torch.long, device=self.device)
-        self._train_weight = torch.zeros(len(self.trials), n_max, dtype=torch.float64, device=self.device)
-        self._train_mask = torch.zeros(len(self.trials), len(self.tokens), dtype=torch.bool, device=self.device)
-        for k, trial in enumerate(self.trials):
+        n_max = max(len(t.train_index) for t in self.members)
+        self._train_index = torch.zeros(len(self.members), n_max, dtype=torch.long, device=self.device)
+        self._train_weight = torch.zeros(len(self.members), n_max, dtype=torch.float64, device=self.device)
+        self._train_mask = torch.zeros(len(self.members), len(self.tokens), dtype=torch.bool, device=self.device)
+        for k, trial in enumerate(self.members):
             n = len(trial.train_index)
             self._train_index[k, :n] = trial.train_index
             self._train_weight[k, :n] = 1.0 / n
@@ -131,10 +153,10 @@ class LockstepTrainer:
 
     # ------------------------------------------------------------------ batched forward
     def active(self) -> list[int]:
-        return [k for k, t in enumerate(self.trials) if t.stopped is None]
+        return [k for k, member in enumerate(self.members) if member.stopped is None]
 
     def _stacked_params(self, active: list[int]) -> dict[str, torch.Tensor]:
-        per_model = [dict(self.trials[k].model.named_parameters()) for k in active]
+        per_model = [dict(self.members[k].model.named_parameters()) for k in active]
         return {name: torch.stack([params[name] for params in per_model]) for name in self._names}
 
     def _forward(self, params: dict[str, torch.Tensor], tokens: torch.Tensor, tokens_dim: int | None) -> torch.Tensor:
@@ -152,9 +174,7 @@ class LockstepTrainer:
     def train_step(self, active: list[int]) -> None:
         tokens, labels, weight = self._train_batch(active)
         logits = self._forward(self._stacked_params(active), tokens, 0)  # (A, n_max, p)
-        log_probs = logits.to(torch.float64).log_softmax(dim=-1)  # float64 as cross_entropy_high_precision
-        nll = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
-        loss = (nll * weight).sum()  # sum over models of each model's mean train loss
+        loss = (per_example_loss(logits, labels) * weight).sum()  # sum over models of each model's mean train loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -164,101 +184,106 @@ class LockstepTrainer:
     def evaluate(self, active: list[int]) -> list[dict[str, float]]:
         """Metrics of every active model on the whole train and test sets: one host sync for all of them."""
         logits = self._forward(self._stacked_params(active), self.tokens, None)  # (A, P, p)
-        log_probs = logits.to(torch.float64).log_softmax(dim=-1)
-        losses = -log_probs.gather(-1, self.labels.expand(len(active), -1)[..., None]).squeeze(-1)
-        correct = (logits.argmax(dim=-1) == self.labels).to(torch.float64)
-        train = self._train_mask[active].to(torch.float64)
-        test = 1.0 - train
-        n_train, n_test = train.sum(-1), test.sum(-1)
-        norms = []
-        for k in active:
-            params = list(self.trials[k].model.parameters())
-            grads = [p.grad for p in params if p.grad is not None]
-            weight_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)))
-            grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads
-                         else torch.zeros((), device=self.device))
-            norms.append(torch.stack([weight_norm, grad_norm]))
-        norms = torch.stack(norms).to(torch.float64)
-        values = torch.stack([(losses * train).sum(-1) / n_train, (correct * train).sum(-1) / n_train,
-                              (losses * test).sum(-1) / n_test, (correct * test).sum(-1) / n_test,
-                              norms[:, 0], norms[:, 1]], dim=-1).tolist()
+        norms = torch.stack([weight_and_grad_norms(list(self.members[k].model.parameters())) for k in active])
+        values = torch.cat([split_metrics(logits, self.labels, self._train_mask[active]), norms], dim=-1).tolist()
         out = []
         for k, row in zip(active, values):
-            metrics = dict(zip(METRIC_NAMES, row))
+            metrics = dict(zip(EVAL_METRICS, row))
             metrics["lr"] = self.optimizer.param_groups[k]["lr"]
             out.append(metrics)
         return out
 
-    # ------------------------------------------------------------------ control
-    def stop(self, index: int, reason: str = "stopped") -> None:
-        """End model ``index`` at the current step (e.g. a pruned trial); it leaves the stack."""
-        trial = self.trials[index]
-        if trial.stopped is None:
-            trial.stopped, trial.final_step = reason, self.step
-            trial.seconds = time.perf_counter() - self._started
-            self._emit("on_model_end", index, self.result(index))
-
-    def result(self, index: int) -> TrainResult:
-        trial = self.trials[index]
-        return TrainResult(trial.history, list(trial.detector.events), trial.final_step if trial.stopped else self.step,
-                           trial.seconds, trial.stopped or "running")
-
+    # ------------------------------------------------------------------ members
     def state_dict(self, index: int) -> dict[str, Any]:
-        """Model ``index`` in ``Trainer.state_dict()``'s format (its own optimizer state, as a one-model AdamW)."""
-        trial = self.trials[index]
-        params = list(trial.model.parameters())
+        """Member ``index`` in ``Trainer.state_dict()``'s format (its own optimizer state, as a one-model AdamW)."""
+        member = self.members[index]
+        params = list(member.model.parameters())
         group = {key: value for key, value in self.optimizer.param_groups[index].items() if key != "params"}
         state = {i: {name: value.clone() for name, value in self.optimizer.state[p].items()}
                  for i, p in enumerate(params) if p in self.optimizer.state}
-        return {
-            "format": CHECKPOINT_FORMAT, "config": trial.config.to_dict(), "step": trial.final_step or self.step,
-            "model": trial.model.state_dict(),
-            "optimizer": {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]},
-            "scheduler": None, "detector": trial.detector.state(), "grokfast_ema": None,
-            "rng": {"torch": torch.get_rng_state(), "cuda": []},
-        }
+        optimizer_state = {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
+        return checkpoint_state(member.config, member.step, member.model, optimizer_state, member.detector)
 
-    def _emit(self, name: str, *args: Any) -> None:
-        for callback in self.callbacks:
-            getattr(callback, name)(self, *args)
+    def _emit(self, member: LockstepMember, name: str, *args: Any) -> bool:
+        """Call one hook of a member's callbacks. An Exception (TrainingStopped for a pruned trial, or an error)
+        stops that member alone; False then. KeyboardInterrupt / SystemExit end the whole training."""
+        try:
+            for callback in member.callbacks:
+                getattr(callback, name)(member, *args)
+        except Exception as error:  # noqa: BLE001 - one member's failure must not stop the others
+            self._stop(member, "stopped", error)
+            return False
+        return True
 
-    def _evaluate_and_emit(self, active: list[int]) -> None:
+    def _stop(self, member: LockstepMember, reason: str, error: BaseException | None = None) -> None:
+        if member.stopped is not None:
+            return
+        member.stopped, member.final_step = reason, self.step
+        member.seconds = time.perf_counter() - self._started
+        if error is None:
+            self._emit(member, "on_train_end", member.result())
+        else:
+            for callback in member.callbacks:
+                try:
+                    callback.on_train_stopped(member, error)
+                except Exception:  # noqa: BLE001 - already ending this member; the others go on
+                    pass
+
+    def _evaluate_and_emit(self, active: list[int]) -> dict[int, list[dict]]:
+        events_of = {}
         for k, metrics in zip(active, self.evaluate(active)):
-            trial = self.trials[k]
-            trial.history.append((self.step, metrics))
-            events = trial.detector.update(self.step, metrics)
-            if trial.config.stop_on_grok and any(e["event"] == "generalization" for e in events):
-                trial.stop_at = min(trial.stop_at, self.step + trial.config.stop_margin)
-            self._emit("on_eval", k, self.step, metrics, events)
+            member = self.members[k]
+            member.history.append((self.step, metrics))
+            events_of[k] = member.detector.update(self.step, metrics)
+            self._emit(member, "on_eval", self.step, metrics, events_of[k])
+        return events_of
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[TrainResult]:
         """Train every model until it stops; returns one TrainResult per config, in order."""
+        with torch_threads(self.threads):
+            try:
+                return self._train()
+            except BaseException as error:
+                for k in self.active():
+                    self._stop(self.members[k], "stopped", error)
+                raise
+
+    def _train(self) -> list[TrainResult]:
         self._started = time.perf_counter()
-        horizon = max(t.config.max_steps for t in self.trials)
+        horizon = max(member.config.max_steps for member in self.members)
         bar = tqdm(total=horizon, disable=not self.progress, unit="step", dynamic_ncols=True,
-                   desc=f"lockstep x{len(self.trials)}")
+                   desc=f"lockstep x{len(self.members)}", leave=False)
         try:
+            for member in self.members:
+                self._emit(member, "on_train_start")
             self._evaluate_and_emit(self.active())
+            for k in self.active():
+                self._emit(self.members[k], "on_checkpoint", 0, ["initial"])
             while active := self.active():
                 self.train_step(active)
                 bar.update(1)
-                due = [k for k in active if self.step % self.eval_every == 0 or self.step == self.trials[k].stop_at]
-                if due:
-                    self._evaluate_and_emit(due)
+                due = [k for k in active if self.step % self.eval_every == 0 or self.step == self.members[k].stop_at]
+                events_of = self._evaluate_and_emit(due) if due else {}
                 for k in active:
-                    trial = self.trials[k]
-                    if trial.stopped is None and self.step >= trial.stop_at:
-                        generalized = trial.detector.step_of("generalization") is not None
-                        self.stop(k, "generalized" if generalized else "max_steps")
+                    member = self.members[k]
+                    if member.stopped is not None:
+                        continue
+                    final = self.step >= member.stop_at
+                    reasons = checkpoint_reasons(member.config, self.step, events_of.get(k, []), final)
+                    if reasons and not self._emit(member, "on_checkpoint", self.step, reasons):
+                        continue
+                    if final:
+                        generalized = member.detector.step_of("generalization") is not None
+                        self._stop(member, "generalized" if generalized else "max_steps")
                 if self.progress and due:
-                    done = sum(t.detector.step_of("generalization") is not None for t in self.trials)
-                    bar.set_postfix(active=len(self.active()), generalized=f"{done}/{len(self.trials)}", refresh=False)
+                    done = sum(m.detector.step_of("generalization") is not None for m in self.members)
+                    bar.set_postfix(active=len(self.active()), generalized=f"{done}/{len(self.members)}", refresh=False)
         finally:
             bar.close()
-        return [self.result(k) for k in range(len(self.trials))]
+        return [member.result() for member in self.members]
 
 
-def train_lockstep(configs: Sequence[Config], callbacks: Sequence[LockstepCallback] = (),
+def train_lockstep(configs: Sequence[Config], callbacks: Sequence[Callback] = (),
                    progress: bool = True) -> list[TrainResult]:
-    return LockstepTrainer(configs, callbacks, progress).train()
+    return LockstepTrainer(configs, callbacks, progress=progress).train()

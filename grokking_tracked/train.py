@@ -7,22 +7,29 @@ tracker, a study or a notebook wants arrives through ``Callback`` methods.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import ModularData, curriculum_order, make_dataset
 from .detect import GrokDetector
-from .model import GrokkingTransformer, cross_entropy_high_precision
+from .metrics import EVAL_METRICS, cross_entropy_high_precision, split_metrics, weight_and_grad_norms
+from .model import GrokkingTransformer
+from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
 
 CHECKPOINT_FORMAT = 1
+THREADS_ENV = "GROKKING_TORCH_THREADS"
+# Why a training ended: it generalised (and trained its stop margin), it used its step budget, or a callback
+# stopped it on purpose (TrainingStopped, e.g. a pruned Optuna trial; lockstep members only: Trainer raises).
+STOP_REASONS = ("generalized", "max_steps", "stopped")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,36 +37,89 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
+        raise ConfigError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this torch build has no MPS support")
     return device
 
 
-def configure_threads(device: torch.device) -> None:
-    """torch intra-op threads: GROKKING_TORCH_THREADS=N if set, else 1 on the CPU.
+def total_memory_bytes(device: torch.device) -> int | None:
+    """Memory of the device training runs on (physical RAM for the CPU); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_runnable(config: Config) -> torch.device:
+    """The device ``config`` trains on, after refusing (one line) a device this machine lacks or a size that
+    cannot fit in its memory: called before any run or study is created."""
+    device = resolve_device(config.validate().device)
+    needed, available = config.estimated_memory_bytes(), total_memory_bytes(device)
+    if available is not None and needed > available:
+        raise ConfigError(f"p={config.p}, d_model={config.d_model}, d_mlp={config.d_mlp} needs about "
+                          f"{needed / 2**30:.1f} GiB while training; {device.type} has {available / 2**30:.1f} GiB")
+    return device
+
+
+def default_threads(device: torch.device) -> int | None:
+    """torch intra-op threads for training: $GROKKING_TORCH_THREADS if set, else 1 on the CPU (None: leave as is).
 
     This model's ops are small: on 2 cores one thread ran the default preset at 85 steps/s, two threads
     at 10-14 (the threads spin-wait on each other and collapse when any other process wants a core)."""
-    threads = os.environ.get("GROKKING_TORCH_THREADS")
+    threads = os.environ.get(THREADS_ENV)
     if threads:
-        torch.set_num_threads(int(threads))
-    elif device.type == "cpu":
-        torch.set_num_threads(1)
+        return int(threads)
+    return 1 if device.type == "cpu" else None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count for the block only; the caller's setting is restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(before)
 
 
 class TrainingStopped(Exception):
     """Raised by a callback to end training on purpose before its budget (e.g. a pruned Optuna trial)."""
 
 
+class TrainingState(Protocol):
+    """What callbacks see of a training: a ``Trainer``, or one member of a ``LockstepTrainer``."""
+
+    config: Config
+    model: GrokkingTransformer
+    detector: GrokDetector
+    history: list[tuple[int, dict[str, float]]]
+    step: int
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
 class Callback:
-    """Hooks a tracker or notebook can implement; every method is optional."""
+    """Hooks a tracker, a study or a notebook can implement; every method is optional.
 
-    def on_train_start(self, trainer: "Trainer") -> None: ...
+    ``run`` is the ``Trainer`` (or the ``LockstepTrainer`` member) being trained. A callback may raise
+    ``TrainingStopped`` to end training early; ``on_train_stopped`` then reports how it ended."""
 
-    def on_eval(self, trainer: "Trainer", step: int, metrics: dict[str, float], events: list[dict]) -> None: ...
+    def on_train_start(self, run: TrainingState) -> None: ...
 
-    def on_checkpoint(self, trainer: "Trainer", step: int, reasons: list[str]) -> None: ...
+    def on_eval(self, run: TrainingState, step: int, metrics: dict[str, float], events: list[dict]) -> None: ...
 
-    def on_train_end(self, trainer: "Trainer", result: "TrainResult") -> None: ...
+    def on_checkpoint(self, run: TrainingState, step: int, reasons: list[str]) -> None: ...
+
+    def on_train_end(self, run: TrainingState, result: "TrainResult") -> None: ...
+
+    def on_train_stopped(self, run: TrainingState, error: BaseException) -> None:
+        """Training ended by an exception: a callback's TrainingStopped, an error, Ctrl-C or SIGTERM."""
 
 
 @dataclass
@@ -68,7 +128,7 @@ class TrainResult:
     events: list[dict]
     final_step: int
     train_seconds: float
-    stop_reason: str  # "generalized" | "max_steps"
+    stop_reason: str  # one of STOP_REASONS
 
     def step_of(self, event: str) -> int | None:
         return next((e["step"] for e in self.events if e["event"] == event), None)
@@ -78,69 +138,58 @@ class TrainResult:
         return self.step_of("generalization") is not None
 
 
-@dataclass
-class GrokfastEMA:
-    """Grokfast (Lee et al. 2024): amplify the slow gradient component, g <- g + lambda * EMA(g).
-
-    No maintained library ships this filter as an optimizer hook; it is three foreach ops."""
-
-    alpha: float
-    lamb: float
-    ema: list[torch.Tensor] | None = None
-
-    def apply(self, grads: list[torch.Tensor]) -> None:
-        if self.ema is None:
-            self.ema = [g.detach().clone() for g in grads]
-        else:
-            torch._foreach_mul_(self.ema, self.alpha)
-            torch._foreach_add_(self.ema, grads, alpha=1 - self.alpha)
-        torch._foreach_add_(grads, self.ema, alpha=self.lamb)
+def make_detector(config: Config) -> GrokDetector:
+    return GrokDetector(config.memorization_threshold, config.generalization_threshold, config.onset_loss_drop)
 
 
-def weight_decay_at(config: Config, step: int) -> float:
-    """Weight-decay schedule (torch.optim has schedulers for lr only)."""
-    if config.wd_schedule == "constant":
-        return config.weight_decay
-    t = min(1.0, step / max(1, config.wd_schedule_steps))
-    if config.wd_schedule == "cosine":
-        t = 0.5 * (1 - math.cos(math.pi * t))
-    return config.weight_decay + t * (config.wd_final - config.weight_decay)
+def planned_stop(config: Config, detector: GrokDetector) -> int:
+    """The step training ends at: max_steps, or stop_margin steps after generalisation with stop_on_grok."""
+    generalized = detector.step_of("generalization")
+    if config.stop_on_grok and generalized is not None:
+        return min(config.max_steps, generalized + config.stop_margin)
+    return config.max_steps
 
 
-def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
-    # fused AdamW runs one kernel per step for all parameters (CPU and CUDA, float32).
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
-                             weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
+def checkpoint_reasons(config: Config, step: int, events: list[dict], final: bool) -> list[str]:
+    """Why a checkpoint is due after ``step`` (empty: none): a detection event fired, the periodic interval, the end."""
+    reasons = [event["event"] for event in events]
+    if config.checkpoint_every and step % config.checkpoint_every == 0:
+        reasons.append("periodic")
+    if final:
+        reasons.append("final")
+    return reasons
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: Config):
-    if config.lr_schedule == "warmup":
-        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / max(1, config.warmup_steps),
-                                                 total_iters=config.warmup_steps)
-    if config.lr_schedule == "cyclic":
-        half = max(1, config.cyclic_period // 2)
-        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=config.lr * config.cyclic_min_ratio,
-                                                 max_lr=config.lr, step_size_up=half, cycle_momentum=False)
-    if config.lr_schedule == "plateau":  # stepped at evaluations with the train loss
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.plateau_factor,
-                                                          patience=config.plateau_patience)
-    return None
+def checkpoint_state(config: Config, step: int, model: torch.nn.Module, optimizer_state: dict,
+                     detector: GrokDetector, scheduler_state: dict | None = None,
+                     grokfast_ema: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """One checkpoint: everything needed to continue bit-for-bit; only tensors and plain containers, so it loads
+    with ``torch.load(weights_only=True)``. Written by Trainer and LockstepTrainer alike."""
+    return {
+        "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "step": step, "model": model.state_dict(),
+        "optimizer": optimizer_state, "scheduler": scheduler_state, "detector": detector.state(),
+        "grokfast_ema": grokfast_ema,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []},
+    }
 
 
 class Trainer:
+    """Trains one model. ``threads``: torch intra-op threads while training (default: ``default_threads``);
+    the caller's setting is restored when ``train()`` returns."""
+
     def __init__(self, config: Config, callbacks: list[Callback] | tuple = (), progress: bool = True,
-                 data: ModularData | None = None):
+                 data: ModularData | None = None, threads: int | None = None):
         self.config = config.validate()
         self.callbacks = list(callbacks)
         self.progress = progress
         self.device = resolve_device(config.device)
-        configure_threads(self.device)
+        self.threads = threads if threads is not None else default_threads(self.device)
         self.data = (data or make_dataset(config)).to(self.device)
         self.model = GrokkingTransformer(config).to(self.device)
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.scheduler = make_scheduler(self.optimizer, config)
-        self.detector = GrokDetector(config.memorization_threshold, config.generalization_threshold,
-                                     config.onset_loss_drop)
+        self.detector = make_detector(config)
         self.grokfast = GrokfastEMA(config.grokfast_alpha, config.grokfast_lambda) if config.grokfast_lambda else None
         self.history: list[tuple[int, dict[str, float]]] = []
         self.step = 0
@@ -152,6 +201,7 @@ class Trainer:
         self._eval_tokens = self.data.all_tokens
         self._eval_labels = torch.cat([self.data.train_labels, self.data.test_labels])
         self._n_train = len(self.data.train_labels)
+        self._eval_train_mask = torch.arange(len(self._eval_labels), device=self.device) < self._n_train
         # Experimental (GROKKING_CUDA_GRAPH=1, CUDA only): replay the whole step as one CUDA graph.
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_loss: torch.Tensor | None = None
@@ -236,37 +286,17 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the whole train and test sets, weight and last-gradient norms: one host sync."""
         logits = self.model(self._eval_tokens, last_only=True)
-        log_probs = logits.to(torch.float64).log_softmax(dim=-1)
-        losses = -log_probs.gather(-1, self._eval_labels[:, None]).squeeze(-1)
-        correct = (logits.argmax(dim=-1) == self._eval_labels).to(torch.float64)
-        n = self._n_train
-        params = list(self.model.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
-        zero = torch.zeros((), device=self.device, dtype=torch.float64)
-        values = torch.stack([
-            losses[:n].mean(), correct[:n].mean(), losses[n:].mean(), correct[n:].mean(),
-            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params))).to(torch.float64),
-            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).to(torch.float64) if grads else zero,
-        ]).tolist()
-        metrics = dict(zip(("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm"), values))
+        values = torch.cat([split_metrics(logits, self._eval_labels, self._eval_train_mask),
+                            weight_and_grad_norms(list(self.model.parameters()))]).tolist()
+        metrics = dict(zip(EVAL_METRICS, values))
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit; only tensors and plain containers (weights_only-safe)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "detector": self.detector.state(),
-            "grokfast_ema": None if self.grokfast is None else self.grokfast.ema,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
-        }
+        return checkpoint_state(self.config, self.step, self.model, self.optimizer.state_dict(), self.detector,
+                                None if self.scheduler is None else self.scheduler.state_dict(),
+                                None if self.grokfast is None else self.grokfast.ema)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -298,15 +328,20 @@ class Trainer:
         return events
 
     def train(self) -> TrainResult:
+        with torch_threads(self.threads):
+            try:
+                return self._train()
+            except BaseException as error:
+                self._emit("on_train_stopped", error)
+                raise
+
+    def _train(self) -> TrainResult:
         config = self.config
         self._emit("on_train_start")
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, desc="training")
+                   dynamic_ncols=True, desc="training", leave=False)
         started = time.perf_counter()
-        stop_at = config.max_steps
-        generalized = self.detector.step_of("generalization")
-        if config.stop_on_grok and generalized is not None:
-            stop_at = min(stop_at, generalized + config.stop_margin)
+        stop_at = planned_stop(config, self.detector)
         if self.step == 0:
             self._evaluate_and_emit()
             self._emit("on_checkpoint", 0, ["initial"])  # analysis measures weight evolution from the start
@@ -314,19 +349,14 @@ class Trainer:
             while self.step < stop_at:
                 self.train_step()
                 bar.update(1)
-                reasons = []
+                events = []
                 if self.step % config.eval_every == 0 or self.step == stop_at:
                     events = self._evaluate_and_emit()
-                    reasons += [e["event"] for e in events]
                     metrics = self.history[-1][1]
                     bar.set_postfix(train_acc=f"{metrics['train_acc']:.3f}", test_acc=f"{metrics['test_acc']:.3f}",
                                     refresh=False)
-                    if config.stop_on_grok and any(e["event"] == "generalization" for e in events):
-                        stop_at = min(stop_at, self.step + config.stop_margin)
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    reasons.append("periodic")
-                if self.step == stop_at:
-                    reasons.append("final")
+                    stop_at = min(stop_at, planned_stop(config, self.detector))
+                reasons = checkpoint_reasons(config, self.step, events, final=self.step == stop_at)
                 if reasons:
                     self._emit("on_checkpoint", self.step, reasons)
         finally:

@@ -39,7 +39,7 @@ def test_analyze_from_a_fresh_directory_logs_back_into_the_run(mlflow_server, tr
     client = MlflowClient(mlflow_server)
     stale = tmp_path / "stale.png"
     stale.write_bytes(b"old analysis")
-    client.log_artifact(trained_run, str(stale), "analysis")  # an earlier analysis's leftover
+    client.log_artifact(trained_run, str(stale), "analysis")  # something already under analysis/: never deleted
 
     fresh = tmp_path / "elsewhere"
     fresh.mkdir()
@@ -47,22 +47,26 @@ def test_analyze_from_a_fresh_directory_logs_back_into_the_run(mlflow_server, tr
                      "--no-progress", cwd=fresh)
     assert result.returncode == 0, result.stderr
     assert "key frequencies" in result.stdout
-    assert names(client, trained_run, "analysis") == ANALYSIS_FILES  # replaced cleanly: stale.png is gone
+    run = client.get_run(trained_run)
+    assert run.data.tags["analysis.latest"] == "1"
+    assert names(client, trained_run, "analysis/1") == ANALYSIS_FILES
+    assert "stale.png" in names(client, trained_run, "analysis")
     assert {p.name for p in (fresh / "local-copy").iterdir()} == ANALYSIS_FILES
 
-    summary = json.loads(open(client.download_artifacts(trained_run, "analysis/summary.json", str(tmp_path))).read())
+    summary = json.loads(open(client.download_artifacts(trained_run, "analysis/1/summary.json", str(tmp_path))).read())
     checkpoint_steps = sorted(int(n[5:-3]) for n in names(client, trained_run, "checkpoints"))
     assert [c["step"] for c in summary["checkpoints"]] == checkpoint_steps
     fourier = summary["fourier"]
     assert fourier["basis"] == "additive" and 1 <= len(fourier["key_frequencies"]) <= 10
     assert summary["final"]["test_acc"] > 0.99  # measured from the final checkpoint itself
-    run = client.get_run(trained_run)
     assert json.loads(run.data.tags["analysis.key_frequencies"]) == fourier["key_frequencies"]
     assert run.info.status == "FINISHED"
 
     again = run_cli("analyze", trained_run, "--tracking-uri", mlflow_server, "--no-progress", cwd=fresh)
     assert again.returncode == 0, again.stderr
-    assert names(client, trained_run, "analysis") == ANALYSIS_FILES
+    assert client.get_run(trained_run).data.tags["analysis.latest"] == "2"
+    assert names(client, trained_run, "analysis/2") == ANALYSIS_FILES
+    assert names(client, trained_run, "analysis/1") == ANALYSIS_FILES  # the previous analysis stays intact
 
 
 def test_compare_draws_runs_on_shared_axes_and_logs_it(mlflow_server, trained_run, tmp_path):

@@ -11,16 +11,19 @@ import torch
 from grokking_tracked.config import Config, ConfigError, preset
 from grokking_tracked.data import all_pairs, make_dataset
 from grokking_tracked.detect import GrokDetector, detect_events
-from grokking_tracked.train import Trainer, weight_decay_at
+from grokking_tracked.optim import weight_decay_at
+from grokking_tracked.train import Trainer
 
 
 # ------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("overrides, message", [
-    (dict(p=2), "p must be"),
-    (dict(train_frac=0.0), "train_frac"),
-    (dict(train_frac=1.0), "train_frac"),
-    (dict(lr=0), "lr must be > 0"),
-    (dict(lr=-1e-3), "lr must be > 0"),
+    (dict(p=2), "p must be an integer in [3, 5,000], got 2"),
+    (dict(train_frac=0.0), "train_frac must be a finite number in (0, 1), got 0.0"),
+    (dict(train_frac=1.0), "train_frac must be a finite number in (0, 1), got 1.0"),
+    (dict(lr=0), "lr must be a finite number in (0, 10], got 0.0"),
+    (dict(lr=-1e-3), "lr must be a finite number in (0, 10], got -0.001"),
+    (dict(lr=float("inf")), "lr must be a finite number in (0, 10], got inf"),
+    (dict(lr=0.5, weight_decay=2.0), "lr x weight_decay must be < 1"),
     (dict(operation="pow"), "unknown operation"),
     (dict(operation="div", p=60), "not prime"),
     (dict(d_model=65), "multiple of n_heads"),

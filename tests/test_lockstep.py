@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from grokking_tracked.config import preset
-from grokking_tracked.lockstep import LockstepCallback, LockstepTrainer, check_compatible
-from grokking_tracked.train import Trainer
+from grokking_tracked.lockstep import LockstepTrainer, check_compatible
+from grokking_tracked.train import Callback, Trainer, TrainingStopped
 
 
 SMALL = dict(p=23, d_model=32, d_mlp=64, n_heads=4, max_steps=50, eval_every=10, checkpoint_every=0)
@@ -32,7 +32,7 @@ def test_lockstep_equals_one_by_one():
             for name in ("train_acc", "test_acc", "lr"):
                 assert m_got[name] == pytest.approx(m_exp[name], abs=2e-3), (k, name)
         assert [e["event"] for e in got.events] == [e["event"] for e in expected.events]
-        for (name, p_got), (_, p_exp) in zip(lockstep.trials[k].model.named_parameters(),
+        for (name, p_got), (_, p_exp) in zip(lockstep.members[k].model.named_parameters(),
                                              alone.model.named_parameters()):
             torch.testing.assert_close(p_got, p_exp, rtol=1e-4, atol=1e-5, msg=f"model {k} {name}")
         state = lockstep.state_dict(k)
@@ -43,19 +43,27 @@ def test_lockstep_equals_one_by_one():
 def test_stop_one_model_leaves_the_others_running():
     configs = [preset("default", **SMALL, **t) for t in TRIALS]
 
-    class PruneFirst(LockstepCallback):
-        def on_eval(self, trainer, index, step, metrics, events):
-            if index == 0 and step == 20:
-                trainer.stop(0, "pruned")
+    class PruneAt20(Callback):
+        def __init__(self):
+            self.stopped_with = None
 
-    lockstep = LockstepTrainer(configs, [PruneFirst()], progress=False)
+        def on_eval(self, run, step, metrics, events):
+            if step == 20:
+                raise TrainingStopped("pruned")
+
+        def on_train_stopped(self, run, error):
+            self.stopped_with = (run.step, error)
+
+    prune = PruneAt20()
+    lockstep = LockstepTrainer(configs, member_callbacks=[[prune], [], []], progress=False)
     results = lockstep.train()
-    assert results[0].stop_reason == "pruned" and results[0].final_step == 20
+    assert results[0].stop_reason == "stopped" and results[0].final_step == 20
+    assert prune.stopped_with[0] == 20 and isinstance(prune.stopped_with[1], TrainingStopped)
     assert [s for s, _ in results[0].history] == [0, 10, 20]
     assert results[1].final_step == results[2].final_step == 50
     alone = Trainer(configs[1], progress=False)
     alone.train()
-    for p_got, p_exp in zip(lockstep.trials[1].model.parameters(), alone.model.parameters()):
+    for p_got, p_exp in zip(lockstep.members[1].model.parameters(), alone.model.parameters()):
         torch.testing.assert_close(p_got, p_exp, rtol=1e-4, atol=1e-5)
 
 

@@ -75,7 +75,7 @@ def test_study_end_to_end_resume_and_pruning(tmp_path):
     """3 trials into the embedded stores; the same command again resumes to 4 with the same parent run;
     a pruned trial ends KILLED in MLflow with tag PRUNED."""
     spec = write_spec(tmp_path, "tiny")
-    done = run_cli("study", str(spec), "--no-progress", cwd=tmp_path, env=ENV)
+    done = run_cli("study", str(spec), "--workers", "1", "--no-progress", cwd=tmp_path, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "parent run id:" in done.stdout
 
@@ -107,13 +107,13 @@ def test_study_end_to_end_resume_and_pruning(tmp_path):
         assert "test_acc" in run.data.metrics
     figures = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"optimization_history.png", "param_importances.png", "slice.png", "contour.png",
-            "steps_vs_train_frac.png", "best_vs_seed_preset.png"} <= figures
+            "steps_vs_train_frac.png", "best_vs_baseline.png"} <= figures
     assert parent.data.metrics["n_complete"] == 3
 
     # Same study, a pruner that prunes at the first report: resume to 4 finished trials.
     pruning = write_spec(tmp_path, "tiny", pruner='name = "threshold"\nreport_every = 20\nupper = 1e-9',
                          filename="tiny_pruning.toml")
-    again = run_cli("study", str(pruning), "--n-trials", "4", "--no-progress", cwd=tmp_path, env=ENV)
+    again = run_cli("study", str(pruning), "--n-trials", "4", "--workers", "1", "--no-progress", cwd=tmp_path, env=ENV)
     assert again.returncode == 0, again.stderr[-2000:]
     trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     assert len(trials) == 4 and trials[3].state == TrialState.PRUNED
@@ -134,7 +134,7 @@ def test_seconds_and_pareto_objectives(tmp_path, target):
     spec = write_spec(tmp_path, target)
     spec.write_text(spec.read_text().replace('target = "steps"', f'target = "{target}"').replace("n_trials = 3",
                                                                                               "n_trials = 2"))
-    done = run_cli("study", str(spec), "--no-progress", cwd=tmp_path, env=ENV)
+    done = run_cli("study", str(spec), "--workers", "1", "--no-progress", cwd=tmp_path, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     study = optuna.load_study(study_name=target, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     trials = study.get_trials()
@@ -159,7 +159,7 @@ def test_seconds_and_pareto_objectives(tmp_path, target):
         assert run.data.tags["optuna.value"] == str(t.value if target == "seconds" else tuple(t.values))
     if target == "seconds":
         assert parent.data.tags["optuna.best_trial_number"] == str(study.best_trial.number)
-        assert {"optimization_history.png", "best_vs_seed_preset.png"} <= figures
+        assert {"optimization_history.png", "best_vs_baseline.png"} <= figures
     else:
         assert "optuna.best_trial_number" not in parent.data.tags  # no single best on a Pareto front
         assert {"pareto_front.png", "steps_vs_train_frac.png"} <= figures
@@ -196,6 +196,7 @@ def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_
     its trial, it is retried, the study reaches its count, and no MLflow run is left RUNNING."""
     spec = write_spec(tmp_path, "killed", max_steps=300)
     args = [sys.executable, "-m", "grokking_tracked", "study", str(spec), "--n-trials", "2", "--no-progress",
+            "--workers", "1",
             "--storage", postgres_url, "--tracking-uri", mlflow_server]
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **ENV}
     victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -241,32 +242,6 @@ def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_
     assert all(r.info.status != "RUNNING" for r in parents + children)
     assert {r.data.tags["optuna.retried_trial_number"] for r in children
             if "optuna.retried_trial_number" in r.data.tags} == {str(running.number)}
-
-
-BAD_SPECS = {
-    "unknown_field": ("[task]\nlearning_rate = 0.1\n", "unknown config field(s) in [task]: learning_rate"),
-    "unknown_search_field": ("[search]\nlrr = { low = 0.1, high = 1.0 }\n", "unknown config field(s) in [search]"),
-    "inverted_range": ("[search]\nlr = { low = 0.1, high = 0.01, log = true }\n", "empty or inverted range"),
-    "empty_range": ("[search]\nlr = { low = 0.1, high = 0.1 }\n", "empty or inverted range"),
-    "unknown_sampler": ("[search]\nlr = { low = 0.01, high = 0.1 }\n[sampler]\nname = \"annealing\"\n",
-                        "unknown sampler 'annealing'"),
-    "unknown_pruner": ("[search]\nlr = { low = 0.01, high = 0.1 }\n[pruner]\nname = \"early\"\n",
-                       "unknown pruner 'early'"),
-    "malformed": ("[search\nlr = 1\n", "malformed TOML"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_SPECS))
-def test_bad_spec_is_one_clear_line(tmp_path, case):
-    text, expected = BAD_SPECS[case]
-    spec = tmp_path / "bad.toml"
-    spec.write_text(text)
-    done = run_cli("study", str(spec), cwd=tmp_path, timeout=120)
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("grokking-tracked: error:"), done.stderr
-    assert expected in lines[0]
 
 
 @pytest.mark.parametrize("where", ["storage", "tracking"])

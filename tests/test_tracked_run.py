@@ -129,25 +129,18 @@ def all_runs(store: str) -> list:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--p", "2"], "p must be an integer >= 3"),
-    (["--train-frac", "1.5"], "train_frac must lie strictly between 0 and 1"),
-    (["--train-frac", "0"], "train_frac must lie strictly between 0 and 1"),
-    (["--lr", "0"], "lr must be > 0"),
-    (["--operation", "pow"], "operation"),
-    (["--preset", "nope"], "preset"),
-    (["--set", "nonsense=1"], "unknown config field"),
-    (["--operation", "div", "--p", "60"], "needs a prime p"),
+    (["--p", "2"], "p must be an integer in [3, 5,000], got 2"),
     (["--resume", "0123456789abcdef0123456789abcdef"], "no MLflow run with id"),
 ])
-def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, args, message):
+def test_bad_input_through_the_console_script_is_one_line_and_leaves_no_run(tmp_path, args, message):
+    """The real console entry point in a subprocess (the full table runs in-process: tests/test_bad_input.py)."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_cli("run", *args, "--tracking-uri", store, cwd=tmp_path, timeout=120)
     assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "INFO" not in line]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     if (tmp_path / "mlflow.db").exists():
-        assert not [r for r in all_runs(store) if r.info.status == "RUNNING"]
+        assert not all_runs(store)
 
 
 def test_unreachable_tracking_server_fails_fast_with_one_line(tmp_path):

@@ -1,0 +1,60 @@
+"""Optimisation strategies of the earlier project, as torch.optim pieces: fused AdamW, lr schedules
+(torch schedulers), a weight-decay schedule, and the Grokfast gradient filter (Lee et al. 2024)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+
+
+@dataclass
+class GrokfastEMA:
+    """Grokfast (Lee et al. 2024): amplify the slow gradient component, g <- g + lambda * EMA(g).
+
+    No maintained library ships this filter as an optimizer hook; it is three foreach ops."""
+
+    alpha: float
+    lamb: float
+    ema: list[torch.Tensor] | None = None
+
+    def apply(self, grads: list[torch.Tensor]) -> None:
+        if self.ema is None:
+            self.ema = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_mul_(self.ema, self.alpha)
+            torch._foreach_add_(self.ema, grads, alpha=1 - self.alpha)
+        torch._foreach_add_(grads, self.ema, alpha=self.lamb)
+
+
+def weight_decay_at(config: Config, step: int) -> float:
+    """Weight-decay schedule (torch.optim has schedulers for lr only)."""
+    if config.wd_schedule == "constant":
+        return config.weight_decay
+    t = min(1.0, step / max(1, config.wd_schedule_steps))
+    if config.wd_schedule == "cosine":
+        t = 0.5 * (1 - math.cos(math.pi * t))
+    return config.weight_decay + t * (config.wd_final - config.weight_decay)
+
+
+def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
+    # fused AdamW runs one kernel per step for all parameters (CPU and CUDA, float32).
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                             weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: Config):
+    if config.lr_schedule == "warmup":
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / max(1, config.warmup_steps),
+                                                 total_iters=config.warmup_steps)
+    if config.lr_schedule == "cyclic":
+        half = max(1, config.cyclic_period // 2)
+        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=config.lr * config.cyclic_min_ratio,
+                                                 max_lr=config.lr, step_size_up=half, cycle_momentum=False)
+    if config.lr_schedule == "plateau":  # stepped at evaluations with the train loss
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.plateau_factor,
+                                                          patience=config.plateau_patience)
+    return None

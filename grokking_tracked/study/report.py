@@ -1,0 +1,191 @@
+"""The study's parent run: counts, the best trial, Optuna's figures and ours, the trials table."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import figures
+from ..tracking.fetch import fetch_history
+from ..tracking.runs import PRESET_TAG, ROLE_TAG, TrackedRun
+from ..tracking.store import quote_filter_value
+from .spec import StudySpec
+from .storage import sweep_stale_trials
+from .trial import RUN_ID_ATTR
+
+BEST_TRIAL_TAG = "optuna.best_trial_number"
+BEST_PARAMS_TAG = "optuna.best_params"
+BEST_RUN_TAG = "optuna.best_run_id"
+FIGURE_SKIPPED_TAG = "figure_skipped.{name}"
+
+
+def finalize(study: optuna.Study, spec: StudySpec, parent: TrackedRun, grace: int, interval: int) -> dict:
+    """Sweep stale trials, then log counts, the best trial, figures and the trials table on the parent run."""
+    deadline = time.monotonic() + (grace + 2 * interval if interval else 0)
+    while True:
+        sweep_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials)
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
+                            TrialState.WAITING)}
+    step = counts["complete"] + counts["pruned"]
+    parent.log_values({f"n_{k}": v for k, v in counts.items()}, step)
+    summary: dict[str, Any] = {"counts": counts, "parent_run_id": parent.run_id}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete and len(spec.directions) == 1:
+        best = study.best_trial
+        summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
+        numeric = {f"best_{k}": v for k, v in best.params.items() if isinstance(v, (int, float))}
+        parent.log_values({"best_value": best.value, "best_trial_number": best.number, **numeric}, step)
+        tags = {BEST_TRIAL_TAG: str(best.number), BEST_PARAMS_TAG: str(best.params)}
+        if best.user_attrs.get(RUN_ID_ATTR):
+            tags[BEST_RUN_TAG] = best.user_attrs[RUN_ID_ATTR]
+        parent.set_tags(tags)
+    _log_figures(study, spec, parent, complete)
+    try:
+        parent.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
+    except Exception:  # noqa: BLE001 - the table is a convenience; the trials are in the storage
+        pass
+    return summary
+
+
+def _optuna_figure(result):
+    """The Figure behind what ``optuna.visualization.matplotlib`` returns (an Axes or an array of them)."""
+    if hasattr(result, "figure"):
+        return result.figure
+    return result.flat[0].figure
+
+
+def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, complete: list) -> None:
+    from optuna.visualization import matplotlib as ovm
+
+    def log(name: str, make, from_optuna: bool = True) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with figures.style():
+                    result = make()
+        except Exception as exc:  # noqa: BLE001 - e.g. importances need >= 2 completed trials with varying params
+            parent.set_tags({FIGURE_SKIPPED_TAG.format(name=name):
+                             str(exc).splitlines()[0][:250] if str(exc) else type(exc).__name__})
+            return
+        figure = _optuna_figure(result) if from_optuna else result
+        if from_optuna:  # optuna draws through pyplot: size it, lay it out, and release it from pyplot afterwards
+            import matplotlib.pyplot as plt
+
+            figure.set_size_inches(max(figure.get_size_inches()[0], 9), max(figure.get_size_inches()[1], 5.5))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # colour-bar axes of contour plots are not tight_layout-able
+                figure.tight_layout()
+            parent.log_figure(figure, f"figures/{name}.png")
+            plt.close(figure)
+        else:
+            parent.log_figure(figure, f"figures/{name}.png")
+
+    multi = len(spec.directions) > 1
+    names = [p.name for p in spec.params]
+    if not complete:
+        parent.set_tags({FIGURE_SKIPPED_TAG.format(name="all"): "no completed trial yet"})
+        return
+    if multi:
+        log("pareto_front", lambda: ovm.plot_pareto_front(study, target_names=["steps to generalize", "train_frac"]))
+    else:
+        log("optimization_history", lambda: ovm.plot_optimization_history(study))
+        if len(complete) >= 2:
+            log("param_importances", lambda: ovm.plot_param_importances(study))
+        else:
+            parent.set_tags({FIGURE_SKIPPED_TAG.format(name="param_importances"): "needs >= 2 completed trials"})
+        log("slice", lambda: ovm.plot_slice(study))
+        if len(names) >= 2 and len(complete) >= 2:
+            log("contour", lambda: ovm.plot_contour(study, params=names[:3]))
+        if spec.pruner != "none":
+            log("intermediate_values", lambda: ovm.plot_intermediate_values(study))
+    if "train_frac" in names:
+        log("steps_vs_train_frac", lambda: train_frac_figure(study), from_optuna=False)
+    if not multi:
+        log("best_vs_baseline", lambda: best_vs_baseline_figure(study, spec, parent), from_optuna=False)
+
+
+@figures.styled
+def train_frac_figure(study: optuna.Study):
+    """Steps to generalize vs train fraction (Power et al. 2022: steep growth as the fraction falls). Each trial
+    is a point coloured by its learning rate: trials differ in more than the fraction, so no line joins them."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "train_frac" in t.params]
+    fig, ((ax,),) = figures.new_figure(1, 1, figsize=(7.5, 4.8))
+    generalized = [t for t in done if t.user_attrs.get("generalized")]
+    missed = [t for t in done if not t.user_attrs.get("generalized")]
+    varies = len({t.params.get("lr") for t in done}) > 1
+    if generalized:
+        points = ax.scatter([t.params["train_frac"] for t in generalized],
+                            [t.user_attrs["generalization_step"] for t in generalized],
+                            c=[t.params.get("lr", 0) for t in generalized] if varies else figures.SPLIT_COLORS["train"],
+                            norm="log" if varies else None, label="generalized (test acc ≥ threshold)")
+        if varies:
+            fig.colorbar(points, ax=ax, label="learning rate")
+    if missed:
+        budget = max(t.user_attrs.get("final_step") or 0 for t in done)
+        ax.scatter([t.params["train_frac"] for t in missed], [budget] * len(missed), marker="^",
+                   color=figures.SPLIT_COLORS["test"], label=f"not within the budget ({budget:,} steps)")
+    ax.set_yscale("log")
+    ax.set(xlabel="training fraction", ylabel="steps to generalize",
+           title=f"study {study.study_name}: steps to generalize vs training fraction")
+    ax.legend()
+    return fig
+
+
+def _baseline_run(client, spec: StudySpec):
+    """The newest FINISHED plain run (not a study's) of the comparison preset on the study's own task."""
+    base = spec.base_config()
+    preset_name = spec.compare_preset or spec.preset
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    found = client.search_runs(experiments, f"tags.`{PRESET_TAG}` = {quote_filter_value(preset_name)} and "
+                                            f"params.p = '{base.p}' and params.operation = '{base.operation}' and "
+                                            "attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=20)
+    return next((r for r in found if ROLE_TAG not in r.data.tags), None)
+
+
+@figures.styled
+def best_vs_baseline_figure(study: optuna.Study, spec: StudySpec, parent: TrackedRun):
+    """The best trial's learning curves beside a plain run of the same task (the comparison preset), both read
+    back from MLflow. Without such a run the figure says how to make one (training it here would cost minutes)."""
+    client = parent.client
+    best = study.best_trial
+    curves = []
+    if best.user_attrs.get(RUN_ID_ATTR):
+        curves.append((f"best trial {best.number}", fetch_history(client, best.user_attrs[RUN_ID_ATTR])))
+    baseline = _baseline_run(client, spec)
+    preset_name = spec.compare_preset or spec.preset
+    if baseline is not None:
+        curves.append((f"`{preset_name}` preset ({baseline.info.run_id[:8]})", fetch_history(client, baseline.info.run_id)))
+    fig, ((ax_acc, ax_loss),) = figures.new_figure(1, 2, figsize=(12, 4.8))
+    for color, (label, history) in zip(figures.colors(2), curves):
+        history = [(s, m) for s, m in history if s > 0]  # log-scaled steps
+        steps = [s for s, _ in history]
+        for ax, key, linestyle in ((ax_acc, "test_acc", "-"), (ax_acc, "train_acc", ":"),
+                                   (ax_loss, "test_loss", "-"), (ax_loss, "train_loss", ":")):
+            ax.plot(steps, [m.get(key, float("nan")) for _, m in history], linestyle=linestyle, color=color,
+                    label=f"{key.replace('_', ' ')}: {label}")
+    ax_acc.set(ylabel="accuracy", xscale="log", xlabel="step (log scale)")
+    ax_loss.set(ylabel="loss", yscale="log", xscale="log", xlabel="step (log scale)")
+    for ax in (ax_acc, ax_loss):
+        ax.legend()
+    base = spec.base_config()
+    if baseline is None:
+        fig.text(0.5, 0.005, f"no FINISHED `{preset_name}` run of {base.operation} mod {base.p} in this store "
+                             f"(train one: grokking-tracked run --preset {preset_name} --p {base.p} --operation "
+                             f"{base.operation}); only the best trial is shown",
+                 ha="center", fontsize=8, color=figures.SPLIT_COLORS["test"])
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+    fig.suptitle(f"study {study.study_name}: best trial {best.number} ({params}) vs `{preset_name}` preset",
+                 fontsize=10)
+    return fig

@@ -1,0 +1,351 @@
+"""A study spec: the TOML file in ``studies/`` that names the task, the search space, the objective, the budget,
+the sampler and the pruner; and the Optuna sampler and pruner it asks for.
+
+Objective values (minimised):
+  ``steps``   -- the trial run's generalization_step; a trial that does not generalize within its budget
+                 gets ``penalty_factor * max_steps`` (default 2 x budget: worse than any generalizing trial).
+  ``seconds`` -- wall seconds of the training loop until generalization; not generalized: ``penalty_factor`` x
+                 the seconds the whole budget took.
+  ``steps_vs_train_frac`` -- two objectives (steps as above, train_frac): a Pareto front. No pruning (Optuna
+                 does not prune multi-objective trials).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ..config import PRESETS, Config, ConfigError, UserError, preset
+
+OBJECTIVES = ("steps", "seconds", "steps_vs_train_frac")
+PRUNE_METRICS = ("test_loss", "test_error")  # test_error = 1 - test_acc (minimised like the objective)
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
+            "qmc": "QMCSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler", "bruteforce": "BruteForceSampler"}
+PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
+           "successive_halving": "SuccessiveHalvingPruner", "threshold": "ThresholdPruner",
+           "patient": "PatientPruner", "none": "NopPruner"}
+
+
+class StudyError(UserError):
+    """A user-facing study problem (bad spec, unreachable storage); its message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------- spec
+@dataclass
+class Param:
+    name: str
+    type: str  # float | int | categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list | None = None
+    values: list | None = None  # the grid (grid sampler)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_categorical(self.name, self.choices)
+
+    def grid(self) -> list:
+        if self.values is not None:
+            return list(self.values)
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is not None:
+            n = int(round((self.high - self.low) / self.step))
+            return [self.low + i * self.step for i in range(n + 1)]
+        raise StudyError(f"the grid sampler needs `values` (or `step`) for search parameter {self.name!r}")
+
+
+@dataclass
+class StudySpec:
+    path: str
+    name: str
+    experiment: str = "grokking-studies"
+    n_trials: int = 10
+    preset: str = "default"
+    overrides: dict = field(default_factory=dict)
+    params: list[Param] = field(default_factory=list)
+    objective: str = "steps"
+    penalty_factor: float = 2.0
+    sampler: str = "tpe"
+    sampler_args: dict = field(default_factory=dict)
+    pruner: str = "median"
+    pruner_args: dict = field(default_factory=dict)
+    prune_metric: str = "test_loss"
+    report_every: int = 50
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 2
+    compare_preset: str | None = None  # the baseline of best_vs_baseline.png (default: the study's preset)
+    lockstep: int = 1  # trials trained together in one LockstepTrainer; 1 = one at a time
+    text: str = ""
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize", "minimize"] if self.objective == "steps_vs_train_frac" else ["minimize"]
+
+    def base_config(self) -> Config:
+        return preset(self.preset, **self.overrides)
+
+    def penalty(self, config: Config) -> float:
+        return self.penalty_factor * config.max_steps
+
+
+_SECTIONS = {"study", "task", "objective", "search", "sampler", "pruner"}
+_STUDY_KEYS = {"name", "experiment", "n_trials", "heartbeat_interval", "grace_period", "max_retry", "compare_preset",
+               "lockstep"}
+_OBJECTIVE_KEYS = {"target", "penalty_factor"}
+_PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a spec; every problem is a one-line StudyError naming the file."""
+    path = Path(path)
+    where = path.name
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise StudyError(f"cannot read study spec {path}: {exc.strerror or exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(f"{where}: malformed TOML: {exc}") from None
+
+    def fail(message: str):
+        raise StudyError(f"{where}: {message}")
+
+    def table(name: str) -> dict:
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            fail(f"[{name}] must be a table")
+        return dict(value)
+
+    unknown = sorted(set(raw) - _SECTIONS)
+    if unknown:
+        fail(f"unknown section(s) {', '.join(unknown)}; expected {', '.join(sorted(_SECTIONS))}")
+    study, task, objective = table("study"), table("task"), table("objective")
+    search, sampler, pruner = table("search"), table("sampler"), table("pruner")
+    for name, keys, allowed in (("study", study, _STUDY_KEYS), ("objective", objective, _OBJECTIVE_KEYS)):
+        extra = sorted(set(keys) - allowed)
+        if extra:
+            fail(f"unknown field(s) in [{name}]: {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+
+    spec = StudySpec(path=str(path), name=study.get("name", path.stem), text=text)
+    spec.experiment = study.get("experiment", spec.experiment)
+    for key in ("name", "experiment"):
+        value = getattr(spec, key)
+        if not isinstance(value, str) or not value.strip():
+            fail(f"[study] {key} must be a non-empty string, got {value!r}")
+    if "'" in spec.name and '"' in spec.name:  # MLflow's filter strings cannot quote such a name
+        fail(f"[study] name {spec.name!r} contains both quote characters; MLflow cannot search for it")
+    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_retry", "lockstep"):
+        if key in study:
+            if not is_integer(study[key]) or study[key] < (0 if key in ("max_retry", "n_trials") else 1):
+                fail(f"[study] {key} must be a {'non-negative' if key in ('max_retry', 'n_trials') else 'positive'} "
+                     f"integer, got {study[key]!r}")
+            setattr(spec, key, study[key])
+    if spec.grace_period <= spec.heartbeat_interval:
+        fail(f"[study] grace_period ({spec.grace_period} s) must exceed heartbeat_interval "
+             f"({spec.heartbeat_interval} s), or live trials would be declared dead")
+    spec.compare_preset = study.get("compare_preset")
+    if spec.compare_preset is not None and spec.compare_preset not in PRESETS:
+        fail(f"[study] compare_preset: unknown preset {spec.compare_preset!r}; choose one of {', '.join(PRESETS)}")
+
+    spec.preset = str(task.pop("preset", "default"))
+    if spec.preset not in PRESETS:
+        fail(f"unknown preset {spec.preset!r}; choose one of {', '.join(PRESETS)}")
+    fields = set(Config.field_names())
+    unknown = sorted(set(task) - fields)
+    if unknown:
+        fail(f"unknown config field(s) in [task]: {', '.join(unknown)}")
+    spec.overrides = task
+    try:
+        base = spec.base_config()
+    except ConfigError as exc:
+        fail(f"[task]: {exc}")
+
+    spec.objective = str(objective.get("target", "steps"))
+    if spec.objective not in OBJECTIVES:
+        fail(f"unknown objective target {spec.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    spec.penalty_factor = objective.get("penalty_factor", spec.penalty_factor)
+    if not is_number(spec.penalty_factor) or spec.penalty_factor < 1:
+        fail(f"[objective] penalty_factor must be a number >= 1, got {spec.penalty_factor!r}")
+
+    if not search:
+        fail("[search] is empty: name at least one config field to search")
+    unknown = sorted(set(search) - fields)
+    if unknown:
+        fail(f"unknown config field(s) in [search]: {', '.join(unknown)}")
+    for name, body in search.items():
+        spec.params.append(_parse_param(name, body, base, fail))
+
+    spec.sampler = str(sampler.pop("name", "tpe")).lower()
+    if spec.sampler not in SAMPLERS:
+        fail(f"unknown sampler {spec.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    spec.sampler_args = sampler
+    spec.pruner = str(pruner.pop("name", "median")).lower()
+    if spec.pruner not in PRUNERS:
+        fail(f"unknown pruner {spec.pruner!r}; choose one of {', '.join(PRUNERS)}")
+    spec.prune_metric = str(pruner.pop("metric", "test_loss"))
+    if spec.prune_metric not in PRUNE_METRICS:
+        fail(f"unknown pruner metric {spec.prune_metric!r}; choose one of {', '.join(PRUNE_METRICS)}")
+    spec.report_every = pruner.pop("report_every", 50)
+    if not is_integer(spec.report_every) or spec.report_every < 1:
+        fail(f"[pruner] report_every must be a positive integer, got {spec.report_every!r}")
+    spec.pruner_args = pruner
+    if spec.objective == "steps_vs_train_frac":
+        if spec.pruner != "none":
+            fail("multi-objective studies cannot prune (Optuna does not support it): set [pruner] name = \"none\"")
+        if "train_frac" not in search:
+            fail("objective steps_vs_train_frac needs train_frac in [search]")
+    if spec.sampler != "grid":
+        with_values = [p.name for p in spec.params if p.values is not None]
+        if with_values:
+            fail(f"search parameter {with_values[0]}: `values` is the grid sampler's; with sampler {spec.sampler!r} "
+                 "use low/high (and step) or choices")
+    _check_corners(spec.params, base, fail)
+    _dry_run(spec, fail)
+    return spec
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+MAX_CORNERS = 4096
+
+
+def _check_corners(params: list[Param], base: Config, fail) -> None:
+    """Every combination of the search space's extremes must be a valid config: a space that reaches invalid
+    configs would fail trials at run time (e.g. lr x weight_decay >= 1 at the top corner)."""
+    corners = [p.choices if p.type == "categorical" else [p.low, p.high] for p in params]
+    combinations = list(itertools.islice(itertools.product(*corners), MAX_CORNERS))
+    for combination in combinations:
+        values = {p.name: value for p, value in zip(params, combination)}
+        try:
+            base.replace(**values)
+        except ConfigError as exc:
+            where = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            fail(f"the search space reaches invalid configs ({where}): {exc}")
+
+
+def _dry_run(spec: StudySpec, fail) -> None:
+    """Build the sampler and pruner and ask, suggest, report and prune once on an in-memory study: wrong
+    sampler or pruner arguments fail now, in one line, not in every trial of a worker."""
+    sampler, pruner = make_sampler(spec), make_pruner(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optuna.logging.disable_default_handler()
+            try:
+                study = optuna.create_study(sampler=sampler, pruner=pruner, directions=spec.directions)
+                trial = study.ask()
+                for param in spec.params:
+                    param.suggest(trial)
+                if len(spec.directions) == 1:
+                    trial.report(1.0, spec.report_every)
+                    trial.should_prune()
+            finally:
+                optuna.logging.enable_default_handler()
+    except Exception as exc:  # noqa: BLE001 - whatever the arguments break, one line
+        fail(f"sampler {spec.sampler!r} / pruner {spec.pruner!r} arguments do not work: "
+             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _parse_param(name: str, body: Any, base: Config, fail) -> Param:
+    if not isinstance(body, dict):
+        fail(f"[search] {name} must be a table such as {{ type = \"float\", low = 0.1, high = 1.0 }}")
+    extra = sorted(set(body) - _PARAM_KEYS)
+    if extra:
+        fail(f"unknown key(s) for search parameter {name}: {', '.join(extra)}; allowed: {', '.join(sorted(_PARAM_KEYS))}")
+    kind = body.get("type", "categorical" if "choices" in body else "float")
+    if kind not in ("float", "int", "categorical"):
+        fail(f"search parameter {name}: unknown type {kind!r}; choose float, int or categorical")
+    if not isinstance(body.get("log", False), bool):
+        fail(f"search parameter {name}: `log` must be true or false, got {body['log']!r}")
+    if "step" in body and (not is_number(body["step"]) or body["step"] <= 0):
+        fail(f"search parameter {name}: `step` must be a positive number, got {body['step']!r}")
+    param = Param(name, kind, log=body.get("log", False), step=body.get("step"), values=body.get("values"))
+    if kind == "categorical":
+        param.choices = body.get("choices")
+        if not isinstance(param.choices, list) or not param.choices:
+            fail(f"search parameter {name}: categorical needs a non-empty `choices` list")
+        corners = param.choices
+    else:
+        low, high = body.get("low"), body.get("high")
+        if param.values is not None:
+            if not isinstance(param.values, list) or not param.values:
+                fail(f"search parameter {name}: `values` must be a non-empty list")
+            low = min(param.values) if low is None else low
+            high = max(param.values) if high is None else high
+        if not is_number(low) or not is_number(high):
+            fail(f"search parameter {name}: needs numeric `low` and `high`")
+        if param.values is not None and not all(is_number(v) for v in param.values):
+            fail(f"search parameter {name}: `values` must be numbers")
+        if kind == "int" and not (is_integer(low) and is_integer(high)):
+            fail(f"search parameter {name}: an int range needs integer `low` and `high`, got {low!r}, {high!r}")
+        if not low < high:
+            fail(f"search parameter {name}: empty or inverted range (low {low} must be < high {high})")
+        if param.log and low <= 0:
+            fail(f"search parameter {name}: a log range needs low > 0, got {low}")
+        if param.log and param.step is not None:
+            fail(f"search parameter {name}: `step` and `log` cannot be combined")
+        if param.values is not None and any(not low <= v <= high for v in param.values):
+            fail(f"search parameter {name}: `values` must lie within [{low}, {high}]")
+        param.low, param.high = low, high
+        corners = [low, high]
+    for value in corners:
+        try:
+            base.replace(**{name: value})
+        except ConfigError as exc:
+            fail(f"search parameter {name}: value {value!r} is not a valid config: {exc}")
+    return param
+
+
+# ---------------------------------------------------------------------------------------------- optuna objects
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    cls = getattr(optuna.samplers, SAMPLERS[spec.sampler])
+    args = dict(spec.sampler_args)
+    if spec.sampler == "grid":
+        args.setdefault("search_space", {p.name: p.grid() for p in spec.params})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(**args)
+    except (TypeError, ValueError) as exc:
+        raise StudyError(f"{Path(spec.path).name}: sampler {spec.sampler}: {str(exc).splitlines()[0]}") from None
+    except ImportError as exc:
+        raise StudyError(f"sampler {spec.sampler} needs a package that is not installed: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    args = dict(spec.pruner_args)
+    try:
+        if spec.pruner == "patient":  # wraps another pruner: [pruner] wrapped = "median", patience = 3
+            wrapped = str(args.pop("wrapped", "median"))
+            if wrapped not in PRUNERS or wrapped == "patient":
+                raise ValueError(f"unknown wrapped pruner {wrapped!r}")
+            inner = getattr(optuna.pruners, PRUNERS[wrapped])()
+            return optuna.pruners.PatientPruner(inner, **args)
+        return getattr(optuna.pruners, PRUNERS[spec.pruner])(**args)
+    except (TypeError, ValueError) as exc:
+        raise StudyError(f"{Path(spec.path).name}: pruner {spec.pruner}: {str(exc).splitlines()[0]}") from None
+

@@ -1,0 +1,110 @@
+"""The Optuna storage of a study: open it (SQLite by default, PostgreSQL for many machines), load or create the
+study, and let Optuna's heartbeats fail and retry the trials of a worker that died."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..tracking.store import EMBEDDED_STORE_DIR, local_store_dir
+from .spec import StudyError, StudySpec, make_pruner, make_sampler
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+DEFAULT_STORAGE_FILE = "optuna.db"  # beside the embedded MLflow store's database
+
+
+def redact(url: str) -> str:
+    """The storage URL with any password replaced by ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: nothing to hide in it
+        return url
+
+
+def default_storage(tracking_uri: str) -> str:
+    """SQLite beside the MLflow store's database (``./mlruns/optuna.db`` for the embedded store, and for a remote
+    tracking server too); resolving creates nothing."""
+    store_dir = local_store_dir(tracking_uri) or Path(EMBEDDED_STORE_DIR)
+    return f"sqlite:///{store_dir.resolve() / DEFAULT_STORAGE_FILE}"
+
+
+def open_storage(url: str, spec: StudySpec,
+                 on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats: a trial whose worker stops beating for ``grace_period`` seconds is failed,
+    ``on_stale_trial`` is told (to close its MLflow run), and Optuna retries it up to ``max_retry`` times."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry)
+
+    def stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        try:
+            if on_stale_trial is not None:
+                on_stale_trial(study, trial)
+        finally:
+            retry(study, trial)
+
+    kwargs: dict[str, Any] = dict(heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
+                                  heartbeat_stale_trial_callback=stale)
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for the lock, not fail
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - driver errors of every kind become one line
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StudyError(f"cannot open the Optuna storage {redact(url)}: {message}") from None
+
+
+def load_study(spec: StudySpec, storage, study_name: str) -> optuna.Study:
+    try:
+        return optuna.create_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
+                                   pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
+    except ValueError as exc:  # e.g. the stored study has other directions
+        raise StudyError(f"study {study_name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def sweep_stale_trials(study: optuna.Study) -> None:
+    """Fail (and so retry) the trials whose worker stopped beating, now."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def retried_trial_number(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The number of the failed trial this one retries (RetryFailedTrialCallback's public helper)."""
+    frozen = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number == trial.number), None)
+    if frozen is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Beat for a trial run through ask/tell, as ``study.optimize`` does for its own trials.
+
+    Optuna has no public API for this: ``optuna.storages._heartbeat.get_heartbeat_thread`` is the function
+    ``optimize`` itself uses (checked against Optuna 5.0.0). It is the only Optuna internal this package uses."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": this is its ask/tell twin
+        warnings.simplefilter("ignore", UserWarning)
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            yield

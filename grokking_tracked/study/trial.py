@@ -1,0 +1,211 @@
+"""A study trial as an MLflow run: its state machine, its tags, the pruning callback and the objective.
+
+Hand-written on purpose (optuna-integration's ``MLflowCallback`` logs a trial only after it ends, as a run with no
+parent -- optuna #5148 -- and FINISHED even when pruned or failed -- optuna PR #3524): here the trial *is* the
+training run, created before training starts (metrics stream live), nested under the study's parent run, and
+``TrialRun`` moves it RUNNING -> COMPLETE (FINISHED) | PRUNED (KILLED) | FAIL (FAILED, or KILLED on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import optuna
+from mlflow import MlflowClient
+
+from ..config import Config
+from ..train import Callback, Trainer, TrainingStopped, TrainResult
+from ..tracking.runs import FAILED, FINISHED, KILLED, ROLE_TAG, TrackedRun, status_for
+from ..tracking.store import get_run
+from .spec import StudySpec
+from .storage import retried_trial_number
+
+# Tags of a trial's run (the keys optuna-integration's MLflowCallback uses where it has one).
+STUDY_NAME_TAG = "optuna.study_name"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+TRIAL_STATE_TAG = "optuna.trial_state"
+RETRIED_TRIAL_TAG = "optuna.retried_trial_number"
+PRUNED_STEP_TAG = "optuna.pruned_step"
+VALUE_TAG = "optuna.value"
+GENERALIZED_TAG = "optuna.generalized"
+FAIL_REASON_TAG = "optuna.fail_reason"
+TRIAL_ROLE = "trial"
+# The trial's user attributes in Optuna (what links a trial to its run, and what the objective measured).
+RUN_ID_ATTR = "mlflow_run_id"
+WORKER_ATTR = "worker"
+FAIL_REASON_ATTR = "fail_reason"
+# Optuna trial state -> MLflow run status
+RUNNING, COMPLETE, PRUNED, FAIL = "RUNNING", "COMPLETE", "PRUNED", "FAIL"
+
+
+class TrialPrunedStop(TrainingStopped):
+    """Raised from the pruning callback: training stops, the run ends KILLED, the trial becomes PRUNED."""
+
+
+@dataclass
+class StudyContext:
+    """What every trial of one worker shares: the spec, where its runs go, one MLflow client."""
+
+    spec: StudySpec
+    study_name: str
+    experiment: str
+    parent_run_id: str
+    client: MlflowClient
+    progress: bool = True
+    threads: int | None = None
+
+
+class TrialRun:
+    """One trial's MLflow run and its Optuna state, RUNNING until ``complete``, ``prune`` or ``fail`` (once)."""
+
+    def __init__(self, run: TrackedRun, trial_number: int):
+        self.run, self.trial_number = run, trial_number
+        self.state = RUNNING
+        self.fail_reason: str | None = None
+
+    @classmethod
+    def open(cls, context: StudyContext, trial: optuna.Trial, config: Config) -> "TrialRun":
+        tags = {STUDY_NAME_TAG: context.study_name, TRIAL_NUMBER_TAG: str(trial.number),
+                TRIAL_STATE_TAG: RUNNING, ROLE_TAG: TRIAL_ROLE}
+        retried = retried_trial_number(trial.study, trial)
+        if retried is not None:
+            tags[RETRIED_TRIAL_TAG] = str(retried)
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        run = TrackedRun.create_for_config(context.client, config, context.experiment,
+                                           run_name=f"{context.study_name}-trial-{trial.number}", tags=tags,
+                                           parent_run_id=context.parent_run_id)
+        trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+        return cls(run, trial.number)
+
+    def _end(self, state: str, status: str, **tags: str) -> None:
+        if self.state != RUNNING:
+            return
+        self.state = state
+        self.run.set_tags({TRIAL_STATE_TAG: state, **tags})
+        self.run.end(status)
+
+    def complete(self, value, result: TrainResult) -> None:
+        self._end(COMPLETE, FINISHED, **{VALUE_TAG: str(value), GENERALIZED_TAG: str(result.grokked).lower()})
+
+    def prune(self, step: int | None) -> None:
+        self._end(PRUNED, KILLED, **{PRUNED_STEP_TAG: str(step)})
+
+    def fail(self, error: BaseException | str) -> None:
+        if self.state != RUNNING:
+            return
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.fail_reason = reason[:500]
+        status = FAILED if isinstance(error, str) else status_for(error)
+        self._end(FAIL, FAILED if status == FINISHED else status, **{FAIL_REASON_TAG: reason[:500]})
+
+    def stopped(self, error: BaseException, pruned_at: int | None) -> None:
+        """Training ended by an exception: PRUNED if the pruner stopped it, FAIL otherwise."""
+        if isinstance(error, TrialPrunedStop):
+            self.prune(pruned_at)
+        else:
+            self.fail(error)
+
+    def __enter__(self) -> "TrialRun":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is not None:
+            self.stopped(error, None)
+        else:
+            self.fail("the trial ended without a value")  # no-op once completed
+        return False
+
+
+def close_stale_trial_run(client: MlflowClient, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
+    """End the MLflow run of a trial whose worker died (still RUNNING) FAILED; True if it did."""
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if not run_id:
+        return False
+    try:
+        run = get_run(client, run_id)
+    except Exception:  # noqa: BLE001 - unknown or unreachable: nothing to close
+        return False
+    if run.info.status != RUNNING or run.data.tags.get(TRIAL_NUMBER_TAG) != str(trial.number):
+        return False
+    TrialRun(TrackedRun(client, run_id), trial.number).fail(reason)
+    return True
+
+
+class PruningCallback(Callback):
+    """Reports the pruning metric to Optuna and stops training when the pruner says so; also times
+    generalization for the ``seconds`` objective."""
+
+    def __init__(self, trial: optuna.Trial, spec: StudySpec):
+        self.trial, self.spec = trial, spec
+        self.started = 0.0
+        self.seconds_to_generalize: float | None = None
+        self.pruned_at: int | None = None
+
+    def on_train_start(self, run) -> None:
+        self.started = time.perf_counter()
+
+    def on_eval(self, run, step: int, metrics: dict, events: list[dict]) -> None:
+        if any(e["event"] == "generalization" for e in events) and self.seconds_to_generalize is None:
+            self.seconds_to_generalize = time.perf_counter() - self.started
+        if self.spec.pruner == "none" or step == 0 or step % self.spec.report_every:
+            return
+        if run.detector.step_of("generalization") is not None:
+            return  # already generalized: never prune a success during its stop margin
+        value = metrics["test_loss"] if self.spec.prune_metric == "test_loss" else 1.0 - metrics["test_acc"]
+        if not math.isfinite(value):
+            value = float("inf")
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            raise TrialPrunedStop(f"pruned at step {step} ({self.spec.prune_metric} {value:.4g})")
+
+
+def trial_config(spec: StudySpec, trial: optuna.Trial) -> Config:
+    """The trial's config: the spec's task with the sampled parameters."""
+    return spec.base_config().replace(**{p.name: p.suggest(trial) for p in spec.params})
+
+
+def trial_value(trial: optuna.Trial, spec: StudySpec, config: Config, result: TrainResult,
+                seconds_to_generalize: float | None):
+    """The objective value of a finished training (penalty if it did not generalize); records user attrs."""
+    gen = result.step_of("generalization")
+    for key, value in (("generalized", gen is not None), ("generalization_step", gen),
+                       ("memorization_step", result.step_of("memorization")), ("final_step", result.final_step),
+                       ("train_seconds", round(result.train_seconds, 3))):
+        trial.set_user_attr(key, value)
+    steps = float(gen) if gen is not None else spec.penalty(config)
+    if spec.objective == "seconds":
+        return seconds_to_generalize if gen is not None else spec.penalty_factor * result.train_seconds
+    if spec.objective == "steps_vs_train_frac":
+        return (steps, config.train_frac)
+    return steps
+
+
+class Objective:
+    """One trial trained one by one (``study.optimize``)."""
+
+    def __init__(self, context: StudyContext):
+        self.context = context
+
+    def __call__(self, trial: optuna.Trial):
+        context = self.context
+        config = trial_config(context.spec, trial)
+        pruning = PruningCallback(trial, context.spec)
+        with TrialRun.open(context, trial, config) as trial_run:
+            trainer = Trainer(config, [trial_run.run.tracker(), pruning], progress=context.progress,
+                              threads=context.threads)
+            try:
+                result = trainer.train()
+            except TrialPrunedStop as stop:
+                trial_run.prune(pruning.pruned_at)
+                raise optuna.TrialPruned(str(stop)) from None
+            except SystemExit as exc:  # SIGTERM: Optuna marks FAIL on KeyboardInterrupt, leaves RUNNING on SystemExit
+                trial_run.fail(exc)
+                raise KeyboardInterrupt() from exc
+            value = trial_value(trial, context.spec, config, result, pruning.seconds_to_generalize)
+            trial_run.complete(value, result)
+        return value

@@ -1,0 +1,235 @@
+"""Running a study: the parent run, one or many worker processes, and what each worker does.
+
+Every worker loads the study from the shared storage and runs trials until N have finished; several invocations
+of the same command (other terminals, other machines on PostgreSQL) join the same study and the same parent run.
+A worker's entry (``worker_main``) is the only place here that changes process-wide state (signals, threads,
+Optuna's verbosity), as the CLI is for the main process.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from ..tracking.runs import ROLE_TAG, TrackedRun
+from ..train import check_runnable
+from ..tracking.store import connect, quote_filter_value, resolve_tracking_uri
+from .lockstep import check_lockstep_spec, optimize_lockstep
+from .report import finalize
+from .spec import StudyError, StudySpec, load_spec
+from .storage import FINISHED_STATES, count_finished, default_storage, load_study, open_storage, redact, \
+    sweep_stale_trials
+from .trial import STUDY_NAME_TAG, Objective, StudyContext, close_stale_trial_run
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's parent run, found again by every worker
+STUDY_ROLE = "study"
+SPEC_ARTIFACT = "study_spec.toml"
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+@dataclass
+class StudySettings:
+    """What a worker needs to join a study; picklable, so spawned worker processes get it as is."""
+
+    spec_path: str
+    n_trials: int
+    storage: str
+    study_name: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    timeout: float | None = None
+    progress: bool = True
+    threads: int | None = None
+    lockstep: int = 1
+    visible_device: str | None = None  # CUDA_VISIBLE_DEVICES of a worker that owns one GPU
+
+
+class FailureGuard:
+    """Stops a worker after several consecutive FAILed trials (e.g. the tracking server went away) instead of
+    failing forever: MaxTrialsCallback only counts finished trials."""
+
+    def __init__(self):
+        self.consecutive = 0
+        self.tripped = False
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        self.consecutive = self.consecutive + 1 if trial.state == TrialState.FAIL else 0
+        if self.consecutive >= MAX_CONSECUTIVE_FAILURES:
+            self.tripped = True
+            study.stop()
+
+
+class TrialLine:
+    """One line per finished trial (number, value or state, MLflow run), instead of Optuna's log lines."""
+
+    def __init__(self, echo):
+        self.echo = echo
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        outcome = (f"value {', '.join(f'{v:g}' for v in trial.values)}" if trial.state == TrialState.COMPLETE
+                   else trial.state.name)
+        run_id = trial.user_attrs.get("mlflow_run_id", "-")
+        self.echo(f"trial {trial.number}: {outcome} (MLflow run {run_id})")
+
+
+def optimize(settings: StudySettings, client=None, echo=print) -> None:
+    """One worker: run trials of the shared study until ``settings.n_trials`` have finished."""
+    spec = load_spec(settings.spec_path)
+    client = client or connect(settings.tracking_uri)
+    storage = open_storage(settings.storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
+        client, trial, "heartbeat stale: its worker stopped"))
+    study = load_study(spec, storage, settings.study_name)
+    sweep_stale_trials(study)
+    if count_finished(study) >= settings.n_trials:
+        return
+    context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
+                           progress=settings.progress, threads=settings.threads)
+    if settings.lockstep > 1:
+        optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
+        return
+    guard = FailureGuard()
+    study.optimize(Objective(context), timeout=settings.timeout, catch=(Exception,),
+                   callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED_STATES), guard,
+                              TrialLine(echo)])
+    if guard.tripped:
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        reason = failed[-1].user_attrs.get("fail_reason") or failed[-1].system_attrs.get("fail_reason", "") \
+            if failed else ""
+        raise StudyError(f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed; stopping "
+                         f"({reason.splitlines()[0] if reason else 'see the FAILED runs in MLflow'})")
+
+
+def worker_main(settings: StudySettings) -> None:
+    """Entry of a spawned worker process: its process-wide settings, then ``optimize``."""
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if settings.visible_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.visible_device  # before the first CUDA call
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        optimize(settings, echo=lambda line: print(line, flush=True))
+    except (StudyError, KeyboardInterrupt, SystemExit) as exc:
+        if str(exc):
+            print(f"grokking-tracked worker {os.getpid()}: {exc}", flush=True)
+        raise SystemExit(1)
+
+
+def resolve_workers(workers: int | str, spec: StudySpec, lockstep: int) -> tuple[int, list[str | None]]:
+    """``auto``: one single-threaded worker per CPU core, or one per GPU (a lockstep study: one per device).
+    Returns the count and each worker's CUDA_VISIBLE_DEVICES (None: unchanged)."""
+    import torch
+
+    device = spec.base_config().device
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.is_available() else 0
+    if workers == "auto":
+        count = gpus or (1 if lockstep > 1 else os.cpu_count() or 1)  # a lockstep stack owns its device
+    else:
+        count = int(workers)
+        if count < 1:
+            raise StudyError(f"--workers must be >= 1 or 'auto', got {workers}")
+    visible = [str(i % gpus) for i in range(count)] if gpus > 1 else [None] * count
+    return count, visible
+
+
+def open_parent_run(client, experiment: str, study: optuna.Study, spec: StudySpec, storage_url: str) -> TrackedRun:
+    """One MLflow parent run per study, found again on every later invocation (also from other machines)."""
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - deleted or from another server: look it up by tags instead
+            run_id = None
+    if not run_id:
+        experiment_obj = client.get_experiment_by_name(experiment)
+        found = client.search_runs(
+            [experiment_obj.experiment_id], f"tags.`{STUDY_NAME_TAG}` = {quote_filter_value(study.study_name)} and "
+                                            f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}'",
+            order_by=["attributes.start_time ASC"], max_results=1) if experiment_obj else []
+        run_id = found[0].info.run_id if found else None
+    if run_id:
+        return TrackedRun.reopen(client, run_id)
+    tags = {STUDY_NAME_TAG: study.study_name, ROLE_TAG: STUDY_ROLE, "optuna.storage": redact(storage_url),
+            "optuna.sampler": spec.sampler, "optuna.pruner": spec.pruner, "optuna.objective": spec.objective,
+            "grokking_tracked.spec": spec.path, "grokking_tracked.preset": spec.preset}
+    parent = TrackedRun.create(client, experiment, run_name=f"study-{study.study_name}", tags=tags,
+                               artifacts={SPEC_ARTIFACT: spec.text})
+    study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+    return parent
+
+
+def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
+              study_name: str | None = None, workers: int | str = "auto", tracking_uri: str | None = None,
+              experiment: str | None = None, progress: bool = True, lockstep: int | None = None,
+              echo=print) -> dict:
+    """Run (or resume, or join) a study; returns a summary dict."""
+    spec = load_spec(spec_path)
+    if n_trials is not None and n_trials < 0:
+        raise StudyError(f"--n-trials must be >= 0, got {n_trials}")
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise StudyError(f"--timeout must be a positive number of seconds, got {timeout}")
+    check_runnable(spec.base_config())  # the device exists and the task fits in memory
+    lockstep = spec.lockstep if lockstep is None else lockstep
+    if lockstep < 1:
+        raise StudyError(f"--lockstep must be >= 1 (trials trained together; 1 = one at a time), got {lockstep}")
+    if lockstep > 1:
+        check_lockstep_spec(spec)
+    n_workers, visible = resolve_workers(workers, spec, lockstep)
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    experiment = experiment or spec.experiment
+    study_name = study_name or spec.name
+    n_trials = spec.n_trials if n_trials is None else n_trials
+    storage = storage or default_storage(tracking_uri)
+    client = connect(tracking_uri)  # both fail fast, before anything is created
+    rdb = open_storage(storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
+        client, trial, "heartbeat stale: its worker stopped"))
+    study = load_study(spec, rdb, study_name)
+    with open_parent_run(client, experiment, study, spec, storage) as parent:
+        echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent.run_id} "
+             f"in experiment {experiment!r}; {count_finished(study)}/{n_trials} trials finished")
+        settings = StudySettings(str(Path(spec_path).resolve()), n_trials, storage, study_name, tracking_uri,
+                                 experiment, parent.run_id, timeout, progress=progress and n_workers == 1,
+                                 lockstep=lockstep)
+        if n_trials > count_finished(study):
+            if n_workers == 1:
+                optimize(settings, client=client, echo=echo)
+            else:
+                run_workers(settings, n_workers, visible, echo)
+        summary = finalize(study, spec, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
+    return summary
+
+
+def run_workers(settings: StudySettings, workers: int, visible: list[str | None], echo) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=worker_main, name=f"study-worker-{i}",
+                                 args=(replace(settings, threads=threads, visible_device=visible[i]),))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    echo(f"{workers} workers started (pids {', '.join(str(p.pid) for p in processes)}), "
+         f"{threads} torch thread(s) each")
+    try:
+        for process in processes:
+            process.join()
+    except BaseException:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker's run ends KILLED, its trial FAIL
+        for process in processes:
+            process.join(30)
+        raise
+    failed = [p for p in processes if p.exitcode not in (0, None)]
+    if len(failed) == workers:
+        raise StudyError(f"all {workers} workers failed (exit codes {', '.join(str(p.exitcode) for p in failed)})")
+

@@ -1,0 +1,121 @@
+"""Where the MLflow store is, and a client for it.
+
+Resolution follows ``mlflow.get_tracking_uri()``: an explicit URI, else ``$MLFLOW_TRACKING_URI``, else our
+embedded store (a SQLite database and its artifacts under ``./mlruns/``). Resolving touches nothing on disk;
+opening a local store creates its directory. Nothing here changes the process (MLflow's client settings are the
+entry points' business: see ``cli.MLFLOW_CLIENT_ENVIRONMENT``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from ..config import UserError
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+EMBEDDED_STORE_DIR = "mlruns"
+EMBEDDED_DATABASE = "mlflow.db"
+DEFAULT_EXPERIMENT = "grokking"
+# MLflow 3 opens an experiment without this tag in its GenAI layout; ours are model-training experiments.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows and edits
+EXPERIMENT_DESCRIPTION = ("Grokking experiments (grokking-tracked): each run trains a small transformer on modular "
+                          "arithmetic; metrics are step-indexed, detection events are in events.json and the "
+                          "*_step metrics, checkpoints and figures are artifacts.")
+HEALTH_TIMEOUT_SECONDS = 5
+
+
+class TrackingError(UserError, RuntimeError):
+    """A user-facing tracking problem (unreachable server, unknown run, missing artifact); one line."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded store ``sqlite:///<cwd>/mlruns/mlflow.db``."""
+    uri = uri or os.environ.get(TRACKING_URI_ENV)
+    if uri:
+        return uri
+    return f"sqlite:///{Path(EMBEDDED_STORE_DIR).resolve() / EMBEDDED_DATABASE}"
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def local_store_dir(uri: str) -> Path | None:
+    """The directory of a local SQLite store (``sqlite:///path/x.db`` -> ``path``); None for anything else."""
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent
+    return None
+
+
+def connect(uri: str | None = None) -> MlflowClient:
+    """A client for the store. A local store's directory is created; a remote server is probed first, so an
+    unreachable one fails in seconds with one line instead of after minutes of retries."""
+    uri = resolve_tracking_uri(uri)
+    store = local_store_dir(uri)
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+    elif is_remote(uri):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_SECONDS).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({type(exc).__name__})") from None
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_location(client: MlflowClient, name: str) -> str | None:
+    """Artifacts of a local store's experiment live beside its database (MLflow's default, ``./mlruns``, is
+    relative to the *current* directory, which scatters artifacts wherever a command happens to run)."""
+    store = local_store_dir(client.tracking_uri)
+    if store is None:
+        return None
+    return (store / "artifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)).as_uri()
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created (model-training layout, a description) if it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(client, name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: EXPERIMENT_DESCRIPTION})
+    except MlflowException:  # another worker created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"no MLflow run with id {run_id!r} at {client.tracking_uri}") from None
+
+
+def runs_view_url(client: MlflowClient, experiment_id: str, base_url: str | None = None) -> str | None:
+    """The link that opens an experiment's runs in MLflow 3.17's model-training view (``#/experiments/N`` alone
+    lands on the GenAI overview). ``base_url``: where the UI is served (default: the tracking server itself)."""
+    base = base_url or (client.tracking_uri if is_remote(client.tracking_uri) else None)
+    if base is None:
+        return None
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def quote_filter_value(value: str) -> str:
+    """A string literal for an MLflow search filter. MLflow's parser has no escape character: a value is
+    quoted with whichever quote it does not contain, and one containing both cannot be searched for."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{value!r} contains both quote characters: MLflow cannot search for it; rename it")

@@ -1,0 +1,83 @@
+"""``MlflowTracker``: the training callback that streams one training into its ``TrackedRun``.
+
+The loop never waits on the tracking server: evaluations are buffered and sent as one batch about once a second
+(and at every event, checkpoint and the end); a checkpoint is written straight into the run's staging area and
+sent in order after the metrics of its steps, so a checkpoint never exists on the server before those metrics
+(``--resume`` relies on that). After a resume, evaluations whose step the run already holds are not sent again,
+so every step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+from mlflow.entities import Metric
+
+from .. import figures
+from ..train import Callback, TrainingState, TrainResult
+from .runs import EVENTS_ARTIFACT, TrackedRun, metrics_at
+
+CHECKPOINT_DIR = "checkpoints"
+GROKKED_TAG = "grokked"
+FIGURES_DIR = "figures"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+class MlflowTracker(Callback):
+    def __init__(self, run: TrackedRun, logged_steps: Iterable[int] = (), log_figures: bool = True,
+                 flush_seconds: float = 1.0):
+        self.run = run
+        self.logged_steps = set(logged_steps)
+        self.log_figures = log_figures
+        self.flush_seconds = flush_seconds
+        self._buffer: list[Metric] = []
+        self._last_send = time.monotonic()
+
+    def on_eval(self, state: TrainingState, step: int, metrics: dict, events: list[dict]) -> None:
+        if step in self.logged_steps:
+            return
+        self._buffer += metrics_at(metrics, step)
+        self._buffer += metrics_at({f"{event['event']}_step": event["step"] for event in events}, step)
+        if events or time.monotonic() - self._last_send >= self.flush_seconds:
+            self._send()
+        if events:  # rare (a few a run), so a person watching the UI sees them arrive
+            self.run.log_dict([dict(event) for event in state.detector.events], EVENTS_ARTIFACT)
+            if any(event["event"] == "generalization" for event in events):
+                self.run.set_tags({GROKKED_TAG: "true"})
+
+    def _send(self) -> None:
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self.run.log_metrics(batch)
+        self._last_send = time.monotonic()
+
+    def on_checkpoint(self, state: TrainingState, step: int, reasons: list[str]) -> None:
+        self._send()
+        path = self.run.staging_path(checkpoint_name(step))
+        torch.save(state.state_dict(), path)
+        self.run.log_file(path, CHECKPOINT_DIR, move=True)
+
+    def on_train_end(self, state: TrainingState, result: TrainResult) -> None:
+        self._send()
+        self.run.log_dict(result.events, EVENTS_ARTIFACT)
+        self.run.set_tags({GROKKED_TAG: "true" if result.grokked else "false"})
+        if self.log_figures:
+            for name, figure in run_figures(state, result):
+                self.run.log_figure(figure, f"{FIGURES_DIR}/{name}.png")
+
+    def on_train_stopped(self, state: TrainingState, error: BaseException) -> None:
+        self._send()  # what was measured before the stop stays in the run
+
+
+def run_figures(state: TrainingState, result: TrainResult) -> list[tuple[str, object]]:
+    config = state.config
+    title = (f"{config.operation} mod {config.p}, train fraction {config.train_frac}, "
+             f"lr {config.lr:g}, wd {config.weight_decay:g}")
+    return [("learning_curves", figures.learning_curves(result.history, result.events, title)),
+            ("norms", figures.norm_curves(result.history, result.events)),
+            ("attention", figures.attention_heatmap(state.model, config.p))]

@@ -1,0 +1,176 @@
+"""Bad input is refused up front: exactly one non-empty line on stderr, a non-zero exit, and nothing created --
+no MLflow run, no Optuna study. In-process through the real entry point (``grokking_tracked.cli.main``) for speed;
+the subprocess path is covered by tests/test_tracked_run.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+
+from grokking_tracked.cli import main
+
+GOOD_SPEC = """
+[study]
+name = "{name}"
+n_trials = 2
+heartbeat_interval = 1
+grace_period = 3
+
+[task]
+p = 23
+d_model = 32
+d_mlp = 64
+max_steps = 40
+
+[search]
+lr = {{ type = "float", low = 3e-3, high = 3e-2, log = true }}
+train_frac = {{ type = "float", low = 0.4, high = 0.8 }}
+
+[sampler]
+name = "random"
+seed = 1
+
+[pruner]
+name = "none"
+"""
+
+
+@pytest.fixture(autouse=True)
+def process_state():
+    """The CLI sets process-wide state (environment, Optuna's verbosity) as an entry point should: restore it."""
+    environment = dict(os.environ)
+    verbosity = optuna.logging.get_verbosity()
+    mlflow_level = logging.getLogger("mlflow").level
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+    optuna.logging.set_verbosity(verbosity)
+    logging.getLogger("mlflow").setLevel(mlflow_level)
+
+
+def invoke(argv: list[str], capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def count_runs(database: Path) -> int:
+    if not database.exists():
+        return 0
+    with sqlite3.connect(database) as connection:
+        return connection.execute("select count(*) from runs").fetchone()[0]
+
+
+def count_studies(database: Path) -> int:
+    if not database.exists():
+        return 0
+    with sqlite3.connect(database) as connection:
+        return connection.execute("select count(*) from studies").fetchone()[0]
+
+
+RUN_CASES = [
+    (["--p", "2"], "p must be an integer in [3, 5,000], got 2"),
+    (["--train-frac", "1.5"], "train_frac must be a finite number in (0, 1)"),
+    (["--train-frac", "0"], "train_frac must be a finite number in (0, 1)"),
+    (["--lr", "0"], "lr must be a finite number in (0, 10]"),
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--lr", "0.5", "--weight-decay", "3"], "lr x weight_decay must be < 1"),
+    (["--eval-every", "0"], "eval_every must be an integer"),
+    (["--max-steps", "-5"], "max_steps must be an integer"),
+    (["--d-model", "65"], "must be a positive multiple of n_heads"),
+    (["--set", "grokfast_alpha=1.5"], "grokfast_alpha must be a finite number in [0, 1)"),
+    (["--set", "warmup_steps=0"], "warmup_steps must be an integer"),
+    (["--set", "plateau_factor=1"], "plateau_factor must be a finite number in (0, 1)"),
+    (["--set", "stop_margin=-1"], "stop_margin must be an integer"),
+    (["--set", "onset_loss_drop=nan"], "onset_loss_drop must be a finite number"),
+    (["--set", "seed=-3"], "seed must be an integer"),
+    (["--set", "nonsense=1"], "unknown config field"),
+    (["--set", "lr"], "--set expects FIELD=VALUE"),
+    (["--set", "p=abc"], "p expects a int"),
+    (["--operation", "pow"], "Invalid value for '--operation'"),
+    (["--preset", "nope"], "Invalid value for '--preset'"),
+    (["--operation", "div", "--p", "60"], "needs a prime p"),
+    (["--device", "cuda"], "sees no CUDA GPU"),
+    (["--p", "1500"], "GiB while training"),
+    (["--resume", "0123456789abcdef0123456789abcdef"], "no MLflow run with id"),
+    (["--resume", "0123456789abcdef0123456789abcdef", "--lr", "0.1"], "only --max-steps may be given"),
+]
+
+
+@pytest.mark.parametrize("args, message", RUN_CASES, ids=[" ".join(a) for a, _ in RUN_CASES])
+def test_bad_run_input_is_one_line_and_creates_nothing(tmp_path, capsys, args, message):
+    code, lines = invoke(["run", *args, "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capsys)
+    assert code != 0
+    assert len(lines) == 1 and message in lines[0], lines
+    assert lines[0].startswith("grokking-tracked: error:")
+    assert count_runs(tmp_path / "mlflow.db") == 0
+
+
+def spec_with(tmp_path: Path, replace: dict[str, str] | None = None) -> Path:
+    text = GOOD_SPEC.format(name="bad")
+    for old, new in (replace or {}).items():
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+SPEC_CASES = {
+    "unknown task field": ({"max_steps = 40": "learning_rate = 0.1"}, "unknown config field(s) in [task]: learning_rate"),
+    "unknown search field": ({"train_frac = {": "trainfrac = {"}, "unknown config field(s) in [search]"),
+    "inverted range": ({"low = 0.4, high = 0.8": "low = 0.8, high = 0.4"}, "empty or inverted range"),
+    "bound outside the domain": ({"low = 0.4, high = 0.8": "low = 0.4, high = 1.0"},
+                                 "train_frac must be a finite number in (0, 1)"),
+    "corner combination invalid": ({"[search]\n": "[search]\nweight_decay = { low = 0.1, high = 3.0 }\n",
+                                    "high = 3e-2, log": "high = 0.5, log"}, "the search space reaches invalid configs"),
+    "log not boolean": ({"log = true": 'log = "yes"'}, "`log` must be true or false"),
+    "values without grid": ({"low = 0.4, high = 0.8": "values = [0.4, 0.8]"}, "`values` is the grid sampler's"),
+    "n_trials boolean": ({"n_trials = 2": "n_trials = true"}, "[study] n_trials must be a non-negative integer"),
+    "grace below heartbeat": ({"grace_period = 3": "grace_period = 1"}, "grace_period (1 s) must exceed"),
+    "name with both quotes": ({'name = "bad"': 'name = "it\'s \\"bad\\""'}, "contains both quote characters"),
+    "unknown sampler": ({'name = "random"': 'name = "annealing"'}, "unknown sampler 'annealing'"),
+    "sampler argument of the wrong type": ({'name = "random"': 'name = "tpe"', "seed = 1": 'seed = 1\nn_startup_trials = "five"'},
+                                           "arguments do not work"),
+    "unknown sampler argument": ({"seed = 1": "seed = 1\nbogus = 2"}, "sampler random"),
+    "unknown pruner": ({'name = "none"': 'name = "early"'}, "unknown pruner 'early'"),
+    "pruner argument of the wrong type": ({'name = "none"': 'name = "median"\nn_warmup_steps = "ten"'},
+                                          "pruner median: '<' not supported"),
+    "malformed": ({"[search]": "[search"}, "malformed TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_CASES))
+def test_bad_study_spec_is_one_line_and_creates_nothing(tmp_path, capsys, monkeypatch, case):
+    replace, message = SPEC_CASES[case]
+    spec = spec_with(tmp_path, replace)
+    monkeypatch.chdir(tmp_path)
+    code, lines = invoke(["study", str(spec), "--no-progress"], capsys)
+    assert code != 0
+    assert len(lines) == 1 and message in lines[0], lines
+    assert count_runs(tmp_path / "mlruns" / "mlflow.db") == 0
+    assert count_studies(tmp_path / "mlruns" / "optuna.db") == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-trials", "-1"], "--n-trials must be >= 0"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--workers", "many"], "--workers expects a positive integer or 'auto'"),
+    (["--timeout", "0"], "--timeout must be a positive number"),
+    (["--lockstep", "0"], "--lockstep must be >= 1"),
+])
+def test_bad_study_options_are_one_line_and_create_nothing(tmp_path, capsys, monkeypatch, args, message):
+    spec = spec_with(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, lines = invoke(["study", str(spec), *args, "--no-progress"], capsys)
+    assert code != 0
+    assert len(lines) == 1 and message in lines[0], lines
+    assert count_runs(tmp_path / "mlruns" / "mlflow.db") == 0
+    assert count_studies(tmp_path / "mlruns" / "optuna.db") == 0

@@ -1,0 +1,116 @@
+"""The run life cycle and the trial state machine, on real stores without a server: MLflow's SQLite store in a
+temp dir and an in-memory Optuna study."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from grokking_tracked.config import preset
+from grokking_tracked.study.spec import StudySpec
+from grokking_tracked.study.trial import StudyContext, TrialPrunedStop, TrialRun, close_stale_trial_run
+from grokking_tracked.tracking import TrackedRun, connect, run_experiment
+from grokking_tracked.train import TrainResult
+
+TINY = dict(p=23, d_model=32, d_mlp=64, max_steps=30, eval_every=10, checkpoint_every=0)
+
+
+@pytest.fixture
+def client(tmp_path):
+    return connect(f"sqlite:///{tmp_path}/store/mlflow.db")
+
+
+@pytest.fixture
+def context(client):
+    parent = TrackedRun.create(client, "lifecycle", run_name="parent")
+    parent.end("FINISHED")
+    return StudyContext(StudySpec(path="x.toml", name="s"), "s", "lifecycle", parent.run_id, client, progress=False)
+
+
+def open_trial(context):
+    study = optuna.create_study()
+    trial = study.ask()
+    return trial, TrialRun.open(context, trial, preset("default", **TINY))
+
+
+def status_and_tags(client, run_id):
+    run = client.get_run(run_id)
+    return run.info.status, run.data.tags
+
+
+RESULT = TrainResult(history=[], events=[{"event": "generalization", "step": 20}], final_step=30, train_seconds=1.0,
+                     stop_reason="generalized")
+
+
+def test_an_open_trial_run_is_running_under_its_parent(client, context):
+    trial, trial_run = open_trial(context)
+    status, tags = status_and_tags(client, trial_run.run.run_id)
+    assert status == "RUNNING" and trial_run.state == "RUNNING"
+    assert tags["optuna.trial_state"] == "RUNNING" and tags["optuna.trial_number"] == str(trial.number)
+    assert tags["mlflow.parentRunId"] == context.parent_run_id and tags["grokking_tracked.role"] == "trial"
+    assert trial.user_attrs["mlflow_run_id"] == trial_run.run.run_id
+    assert client.get_run(trial_run.run.run_id).data.params["p"] == "23"
+
+
+@pytest.mark.parametrize("end, status, state, tags", [
+    (lambda r: r.complete(120.0, RESULT), "FINISHED", "COMPLETE", {"optuna.value": "120.0", "optuna.generalized": "true"}),
+    (lambda r: r.prune(40), "KILLED", "PRUNED", {"optuna.pruned_step": "40"}),
+    (lambda r: r.fail(ValueError("boom")), "FAILED", "FAIL", {"optuna.fail_reason": "ValueError: boom"}),
+    (lambda r: r.fail(KeyboardInterrupt()), "KILLED", "FAIL", {}),
+    (lambda r: r.stopped(TrialPrunedStop("p"), 50), "KILLED", "PRUNED", {"optuna.pruned_step": "50"}),
+])
+def test_each_end_sets_state_tag_and_run_status_once(client, context, end, status, state, tags):
+    _, trial_run = open_trial(context)
+    end(trial_run)
+    trial_run.complete(1.0, RESULT)  # a second end changes nothing
+    trial_run.fail(RuntimeError("late"))
+    run_status, run_tags = status_and_tags(client, trial_run.run.run_id)
+    assert (run_status, run_tags["optuna.trial_state"], trial_run.state) == (status, state, state)
+    assert tags.items() <= run_tags.items()
+
+
+def test_leaving_the_block_by_an_error_fails_the_trial(client, context):
+    _, trial_run = open_trial(context)
+    with pytest.raises(ZeroDivisionError):
+        with trial_run:
+            1 / 0
+    assert status_and_tags(client, trial_run.run.run_id)[0] == "FAILED" and trial_run.state == "FAIL"
+
+
+def test_a_stale_trials_run_is_closed_failed_and_a_finished_one_left_alone(client, context):
+    study = optuna.create_study()
+    trials = [study.ask() for _ in range(2)]
+    runs = [TrialRun.open(context, trial, preset("default", **TINY)) for trial in trials]
+    runs[1].complete(5.0, RESULT)
+    frozen = {t.number: t for t in study.get_trials()}
+    assert close_stale_trial_run(client, frozen[trials[0].number], "heartbeat stale") is True
+    assert close_stale_trial_run(client, frozen[trials[1].number], "heartbeat stale") is False
+    status, tags = status_and_tags(client, runs[0].run.run_id)
+    assert status == "FAILED" and tags["optuna.trial_state"] == "FAIL" and tags["optuna.fail_reason"] == "heartbeat stale"
+    assert status_and_tags(client, runs[1].run.run_id)[0] == "FINISHED"
+
+
+def test_run_experiment_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
+    """Threads, environment and the current directory are the caller's: a store given as sqlite:///elsewhere keeps
+    its artifacts beside its database."""
+    # Libraries set a variable of their own at first use (torch's TORCHINDUCTOR_CACHE_DIR, MLflow's telemetry
+    # session): a first run in another store lets them, then the process must stay exactly as it is.
+    run_experiment(preset("default", **TINY), tracking_uri=f"sqlite:///{tmp_path}/warm-up/mlflow.db", progress=False)
+    workdir = tmp_path / "notebook"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    torch.set_num_threads(2)
+    environment = dict(os.environ)
+    store = tmp_path / "store"
+    outcome = run_experiment(preset("default", **TINY), tracking_uri=f"sqlite:///{store}/mlflow.db", progress=False)
+    assert torch.get_num_threads() == 2
+    assert dict(os.environ) == environment
+    assert not any(workdir.iterdir())
+    run = MlflowClient(f"sqlite:///{store}/mlflow.db").get_run(outcome.run_id)
+    artifacts = store / "artifacts" / "grokking" / outcome.run_id / "artifacts"
+    assert run.info.artifact_uri == artifacts.as_uri()
+    assert (artifacts / "config.json").is_file() and (artifacts / "figures" / "learning_curves.png").is_file()
