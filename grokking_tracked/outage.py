@@ -33,8 +33,10 @@ def is_transient(exc: BaseException) -> bool:
 
 _REASONS = [(re.compile(p, re.I), label) for p, label in (
     (r"too many (\d{3}) error responses", r"HTTP \1"), (r"Connection refused", "connection refused"),
-    (r"Connection reset|ConnectionResetError", "connection reset"),
-    (r"RemoteDisconnected|Connection aborted", "connection dropped"), (r"timed out|timeout", "timed out"))]
+    (r"Connection reset|ConnectionResetError|Broken pipe", "connection reset"),
+    (r"RemoteDisconnected|Connection aborted", "connection dropped"), (r"timed out|timeout", "timed out"),
+    (r"Name or service not known|nodename nor servname|getaddrinfo failed", "unknown host"),
+    (r"Caused by (\w+)", r"\1"))]
 
 
 def short_reason(exc: BaseException) -> str:
