@@ -203,8 +203,8 @@ class Outbox:
                     self._cond.wait_for(lambda: self._done_seq >= target, budget)
                 pending, done = self._next_seq - self._done_seq, self._done_seq >= target
                 failed = bool(self._failures)
-            if done:
-                return not failed
+            if done or not self._thread.is_alive():  # (closed, or stopped by an error it reported)
+                return done and not failed
             waited = time.monotonic() - start
             if timeout is not None and waited >= timeout:
                 return False
