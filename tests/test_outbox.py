@@ -29,7 +29,7 @@ METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm"
 EVAL_EVERY, CHECKPOINT_EVERY = 10, 200
 FAST_FAILING = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-TRAINING_PACE_S = 0.1  # time between evaluations of the simulated training loop
+TRAINING_PACE_S = 0.25  # time between evaluations of the simulated training loop
 DROPPED = ("connection reset", "connection dropped", "connection refused")  # the short reasons of an outage
 
 
