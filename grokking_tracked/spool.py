@@ -1,0 +1,175 @@
+"""Where a tracking store's outbox spool lives, and the writer directories found in one.
+
+A local SQLite store keeps its spool beside the database (``<dir of mlflow.db>/.spool``), so the store
+and what is still on its way to it stay together. A remote server's spool is a local directory:
+``$GROKKING_TRACKED_SPOOL/<server>`` if that variable is set, else the per-user cache
+(``$XDG_CACHE_HOME`` or ``~/.cache``)``/grokking-tracked/spool/<server>``; ``<server>`` is ``host_port``
+so spools of different servers never mix (a run id means nothing to another server).
+
+Spool layout (one writer = one process's outbox on one run; several writers of one run, e.g. study
+workers writing the study's parent run, never interleave their sequences)::
+
+    <spool root>/<run_id>/<host>-<pid>-<n>/
+        writer.json              run id, tracking URI, host, pid, creation time
+        lock                     flock()ed by the live writer: the kernel drops it on any death
+        0000000042.json          one operation; written as .tmp then renamed, so never seen half-written
+        0000000042.files/NAME    its payload (artifact name = file name), moved in before the .json exists
+        staging/<n>/NAME         where callers write big files (checkpoints) to be moved in, never copied
+        failed/                  entries the server refused for good (see outbox.py)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .lease import this_host
+
+SPOOL_ENV = "GROKKING_TRACKED_SPOOL"
+ENTRY_NAME = re.compile(r"^(\d{10})\.json$")  # one queued operation; its payload is <seq>.files/
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("_") or "_"
+
+
+def spool_root_for(tracking_uri: str) -> Path:
+    """The spool root of a tracking store (see the module docstring); touches nothing on disk."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme == "sqlite":
+        database = tracking_uri[len("sqlite:///"):].split("?", 1)[0] if tracking_uri.startswith("sqlite:///") else ""
+        if database and database != ":memory:":
+            return Path(database).expanduser().absolute().parent / ".spool"
+    if parts.scheme in ("", "file") and tracking_uri:  # the legacy file store: a directory
+        return Path(parts.path if parts.scheme else tracking_uri).expanduser().absolute() / ".spool"
+    base = os.environ.get(SPOOL_ENV)
+    if base:
+        base_path = Path(base).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        base_path = Path(cache) / "grokking-tracked" / "spool"
+    if parts.scheme in ("http", "https"):
+        # host and port only: never credentials from user:password@host
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        name = _safe(f"{parts.hostname}_{port}" + (f"_{parts.path}" if parts.path.strip("/") else ""))
+    else:  # postgresql://, mysql://, databricks: a stable name without the URI's secrets
+        name = f"{_safe(parts.scheme)}_{_safe(parts.hostname or '')}_{hashlib.sha1(tracking_uri.encode()).hexdigest()[:12]}"
+    return base_path / name
+
+
+def run_spool_dir(spool_root: str | Path, run_id: str) -> Path:
+    return Path(spool_root) / _safe(run_id)
+
+
+_writer_numbers = itertools.count()
+
+
+class Busy(Exception):
+    """A writer directory is locked by a live process."""
+
+
+def lock_writer_dir(path: Path) -> int:
+    """flock() a writer directory for this process's lifetime (the kernel drops it on any death, SIGKILL
+    included); the open descriptor, to be closed when done. Busy if a live process holds it."""
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(str(path)) from None
+    return fd
+
+
+def new_writer_dir(run_dir: Path, run_id: str, tracking_uri: str) -> tuple[Path, int]:
+    """A fresh, locked writer directory under ``run_dir`` and its lock descriptor. writer.json is written
+    last, after the lock is held: deliver_spool only looks at directories that have it."""
+    while True:  # a pid (and our counter) can repeat after a reboot: never reuse a leftover directory
+        path = run_dir / f"{_safe(this_host())}-{os.getpid()}-{next(_writer_numbers)}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+            break
+        except (FileExistsError, FileNotFoundError):  # taken, or the run's directory was just emptied
+            continue
+    fd = lock_writer_dir(path)
+    write_atomically(path / "writer.json", json.dumps({
+        "run_id": run_id, "tracking_uri": tracking_uri, "host": this_host(), "pid": os.getpid(),
+        "created": time.time()}))
+    return path, fd
+
+
+def writer_dirs(directory: Path) -> Iterator[tuple[Path, str]]:
+    """(writer directory, run id) of every writer spool at most two levels below ``directory`` (a spool
+    root, a run's directory, or a writer directory itself), oldest first."""
+    found = []
+    for meta in [directory / "writer.json", *directory.glob("*/writer.json"), *directory.glob("*/*/writer.json")]:
+        try:
+            record = json.loads(meta.read_text())
+            found.append((float(record["created"]), meta.parent.name, meta.parent, str(record["run_id"])))
+        except (OSError, ValueError, KeyError):
+            continue  # not a writer (or one being created right now)
+    for _, _, path, run_id in sorted(found):
+        yield path, run_id
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a temp name, then rename: a reader (or a later process) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class SpoolDelivery:
+    delivered: int = 0
+    pending: int = 0  # still in the spool (server away, or waiting behind an undelivered writer)
+    failed: list[str] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)  # spools of live processes, left alone
+
+    @property
+    def complete(self) -> bool:
+        return not (self.pending or self.failed)
+
+
+def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Callable[[str], None] | None = None,
+                  max_backoff: float = 30.0) -> SpoolDelivery:
+    """Deliver what dead writers left under ``directory`` (a spool root, or one run's directory):
+    each writer in creation order, entry by entry in order, retrying outages up to ``timeout`` seconds in
+    all. A run's later writers wait for its earlier ones; spools of live processes are skipped.
+    Entries refused earlier stay in ``<writer>/failed/`` and are listed in ``failed``."""
+    from .outbox import Outbox  # outbox.py imports this module
+
+    report, deadline, blocked = SpoolDelivery(), time.monotonic() + timeout, set()
+    for writer, run_id in writer_dirs(Path(directory)):
+        if run_id in blocked:
+            report.pending += sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name))
+            continue
+        try:
+            outbox = Outbox(client, run_id, echo=echo, max_backoff=max_backoff, _adopt=writer)
+        except Busy:
+            report.busy.append(writer)
+            blocked.add(run_id)
+            continue
+        before = outbox.pending
+        outbox.wait(max(0.0, deadline - time.monotonic()))
+        left, failures = outbox.pending, outbox.failures
+        outbox.close()
+        report.delivered += before - left - len(failures)
+        report.pending += left
+        report.failed += failures
+        if (writer / "failed").is_dir():
+            earlier = sum(1 for p in (writer / "failed").iterdir() if ENTRY_NAME.match(p.name)) - len(failures)
+            if earlier > 0:
+                report.failed.append(f"{earlier} operations of run {run_id} refused earlier are kept in {writer / 'failed'}")
+        if left:
+            blocked.add(run_id)
+    return report
