@@ -97,10 +97,12 @@ def cli() -> None:
 @click.option("--run-name", default=None, help="MLflow run name.")
 @click.option("--resume", "resume_run_id", default=None, metavar="RUN_ID",
               help="Continue this run from its last checkpoint (same MLflow run).")
+@click.option("--force", is_flag=True, help="With --resume: continue even if the run's lease says another live "
+                                            "process is writing it.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @tracking_uri_option
 def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: str | None,
-        resume_run_id: str | None, progress: bool, tracking_uri: str | None, **options: Any) -> None:
+        resume_run_id: str | None, force: bool, progress: bool, tracking_uri: str | None, **options: Any) -> None:
     """Train one tracked grokking experiment and print its MLflow run id."""
     overrides = {k: v for k, v in options.items() if v is not None}
     overrides.update(parse_assignments(assignments))
@@ -113,8 +115,10 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
         from .tracking import resume_experiment
 
         outcome = resume_experiment(resume_run_id, tracking_uri, progress=progress,
-                                    max_steps=overrides.get("max_steps"))
+                                    max_steps=overrides.get("max_steps"), force=force)
     else:
+        if force:
+            raise UserError("--force only applies to --resume")
         from .config import preset as make_preset
 
         config = make_preset(preset, **overrides)  # validated before anything heavy loads
@@ -126,6 +130,26 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
                                  on_run_started=lambda run_id: click.echo(f"started MLflow run {run_id}", err=True))
     click.echo(f"run id: {outcome.run_id}")
     click.echo(outcome.summary())
+    local = "" if outcome.tracking_uri.startswith(("http://", "https://")) else " (grokking-tracked ui)"
+    click.echo(f"runs: {outcome.runs_url()}{local}")
+
+
+@cli.command()
+@click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="Seconds to keep retrying a server that is still away.")
+@tracking_uri_option
+def sync(timeout: float, tracking_uri: str | None) -> None:
+    """Deliver what runs left in the local spool while the tracking server was away (or when killed)."""
+    configure_process()
+    from .tracking.runs import TrackingUndelivered, deliver_leftovers
+    from .tracking.store import connect
+
+    report = deliver_leftovers(connect(tracking_uri), timeout, echo=lambda line: click.echo(line, err=True))
+    click.echo(f"delivered {report.delivered} operations; {report.pending} pending, {len(report.failed)} refused, "
+               f"{len(report.busy)} spools of live processes left alone")
+    if not report.complete:
+        raise TrackingUndelivered(report.failed[0] if report.failed else
+                                  f"{report.pending} operations are still in the spool: the server is away")
 
 
 @cli.command()
@@ -164,8 +188,8 @@ def compare(run_ids: tuple[str, ...], output: str, log_to: str | None, tracking_
 @click.option("--port", default=5000, show_default=True, type=int)
 @tracking_uri_option
 def ui(host: str, port: int, tracking_uri: str | None) -> None:
-    """Serve the MLflow UI over the project's store."""
-    from .tracking.store import is_remote, local_store_dir, resolve_tracking_uri
+    """Serve the MLflow UI over the project's store (and print the links to each experiment's runs)."""
+    from .tracking.store import is_remote, local_store_dir, resolve_tracking_uri, runs_view_url
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_remote(uri):
@@ -173,11 +197,21 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
     store = local_store_dir(uri)
     if store is None or not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"no MLflow store at {uri} yet: run an experiment first")
-    # The venv's own MLflow (the first `mlflow` on PATH may be another one, or none).
+    from mlflow import MlflowClient
+
+    base = f"http://{host}:{port}"
+    client = MlflowClient(uri)
+    for experiment in client.search_experiments():
+        if client.search_runs([experiment.experiment_id], max_results=1):
+            click.echo(f"{experiment.name}: {runs_view_url(client, experiment.experiment_id, base)}", err=True)
+    # The venv's own MLflow (the first `mlflow` on PATH may be another one, or none); one worker and no job
+    # runner: a UI for one person (MLflow's defaults start 4 workers and a job queue, ~14 processes).
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-               "--port", str(port), "--default-artifact-root", str(store / "artifacts")]
-    click.echo(f"MLflow UI on http://{host}:{port} over {uri}", err=True)
-    os.execv(command[0], command)
+               "--port", str(port), "--default-artifact-root", str(store / "artifacts"), "--workers", "1"]
+    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                   "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"}
+    click.echo(f"MLflow UI on {base} over {uri}", err=True)
+    os.execve(command[0], command, environment)
 
 
 @cli.command()

@@ -88,6 +88,14 @@ class LockstepMember:
         return self.final_step if self.stopped else self.trainer.step
 
     @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+    @property
+    def threads(self) -> int | None:
+        return self.trainer.threads
+
+    @property
     def stop_at(self) -> int:
         return planned_stop(self.config, self.detector)
 

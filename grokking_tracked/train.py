@@ -100,6 +100,8 @@ class TrainingState(Protocol):
     detector: GrokDetector
     history: list[tuple[int, dict[str, float]]]
     step: int
+    device: torch.device
+    threads: int | None
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -29,6 +29,18 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_spool(tmp_path_factory):
+    """Spools of runs against test servers stay in the test session's temp dir, not in ~/.cache."""
+    previous = os.environ.get("GROKKING_TRACKED_SPOOL")
+    os.environ["GROKKING_TRACKED_SPOOL"] = str(tmp_path_factory.mktemp("spool"))
+    yield
+    if previous is None:
+        os.environ.pop("GROKKING_TRACKED_SPOOL", None)
+    else:
+        os.environ["GROKKING_TRACKED_SPOOL"] = previous
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Every test on one torch thread, as the trainer uses on the CPU (two threads of tiny ops on 2 shared
@@ -81,18 +93,18 @@ def mlflow_server(tmp_path_factory) -> str:
 
 @pytest.fixture
 def postgres_url():
-    """A fresh PostgreSQL database per test, dropped afterwards."""
-    import psycopg2
+    """A fresh PostgreSQL database per test, dropped afterwards, as the README spells the URL:
+    ``postgresql://user@host:port/db`` (SQLAlchemy's default driver for it, psycopg 3)."""
+    import psycopg
 
     try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG_DSN)
-    except psycopg2.OperationalError as exc:
+        admin = psycopg.connect(dbname="postgres", connect_timeout=3, autocommit=True, **PG_DSN)
+    except psycopg.OperationalError as exc:
         unavailable(f"PostgreSQL not reachable at {PG_DSN['host']}:{PG_DSN['port']}: {str(exc).strip()}")
-    admin.autocommit = True
     name = f"gt_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg2://{PG_DSN['user']}@{PG_DSN['host']}:{PG_DSN['port']}/{name}"
+    yield f"postgresql://{PG_DSN['user']}@{PG_DSN['host']}:{PG_DSN['port']}/{name}"
     with admin.cursor() as cursor:
         cursor.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')

@@ -15,6 +15,8 @@ Faults, switchable at any moment from the test:
 - ``drop_responses("/runs/log-batch", 1)``: the request reaches the server, the answer never reaches the
   client (a request that timed out client-side but landed).
 - ``retarget(url)``: forward to another upstream (a server restarted elsewhere on the same store).
+- ``rewrite_responses("/runs/get", function)``: the server's answers to matching requests are passed through
+  ``function(bytes) -> bytes`` (a server that lies, e.g. about a run's artifact location).
 
 An upstream that refuses connections (killed server) looks to the client like a dropped connection.
 """
@@ -49,6 +51,7 @@ class FaultProxy:
         self.upload_status: int | None = None
         self.stats: collections.Counter = collections.Counter()  # what the proxy did, for tests to wait on
         self._drops: dict[str, int] = {}
+        self._rewrites: dict[str, object] = {}
         self._restored = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -86,6 +89,10 @@ class FaultProxy:
 
     def retarget(self, upstream: str) -> None:
         self.upstream = upstream
+
+    def rewrite_responses(self, path_contains: str, function) -> None:
+        with self._lock:
+            self._rewrites[path_contains] = function
 
     def close(self) -> None:
         self.restore()
@@ -190,6 +197,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._abort("dropped")
         if proxy._take_drop(self.path):
             return self._abort("dropped_responses")
+        for fragment, rewrite in list(proxy._rewrites.items()):
+            if fragment in self.path:
+                data = rewrite(data)
+                proxy.stats["rewritten"] += 1
         proxy.stats["forwarded"] += 1
         self._answer(response.status, data,
                      {k: v for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP})

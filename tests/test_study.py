@@ -247,7 +247,7 @@ def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_
 @pytest.mark.parametrize("where", ["storage", "tracking"])
 def test_unreachable_storage_or_server_is_one_clear_line(tmp_path, where):
     spec = write_spec(tmp_path, "unreachable")
-    option = (["--storage", "postgresql+psycopg2://postgres:secret@127.0.0.1:1/nowhere"] if where == "storage"
+    option = (["--storage", "postgresql://postgres:secret@127.0.0.1:1/nowhere"] if where == "storage"
               else ["--tracking-uri", "http://127.0.0.1:1"])
     done = run_cli("study", str(spec), *option, cwd=tmp_path, timeout=120)
     assert done.returncode == 1

@@ -31,8 +31,23 @@ def _one_line(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+# torch.load(weights_only=True) could still run code before torch 2.6 (CVE-2025-32434) and had a memory-corruption
+# bug before 2.10 (CVE-2026-24747): the promise "never unpickles code" holds from 2.10 on.
+SAFE_LOADING_TORCH = (2, 10)
+
+
+def check_safe_loading(version: str | None = None) -> None:
+    """Refuse, in one line, to load checkpoints on a torch whose weights_only loading is not safe."""
+    version = version or torch.__version__
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:2])
+    if numbers < SAFE_LOADING_TORCH:
+        raise CheckpointError(f"torch {version} cannot load checkpoints safely (weights_only loading is safe from "
+                              f"torch {'.'.join(map(str, SAFE_LOADING_TORCH))} on): upgrade torch")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict written by ``torch.save(trainer.state_dict(), path)`` without unsafe unpickling."""
+    check_safe_loading()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -76,7 +76,7 @@ class TrialRun:
             tags[RETRIED_TRIAL_TAG] = str(retried)
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         run = TrackedRun.create_for_config(context.client, config, context.experiment,
-                                           run_name=f"{context.study_name}-trial-{trial.number}", tags=tags,
+                                           run_name=f"{context.study_name} #{trial.number}", tags=tags,
                                            parent_run_id=context.parent_run_id)
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
         return cls(run, trial.number)
@@ -131,7 +131,7 @@ def close_stale_trial_run(client: MlflowClient, trial: optuna.trial.FrozenTrial,
         return False
     if run.info.status != RUNNING or run.data.tags.get(TRIAL_NUMBER_TAG) != str(trial.number):
         return False
-    TrialRun(TrackedRun(client, run_id), trial.number).fail(reason)
+    TrialRun(TrackedRun(client, run_id, leased=False), trial.number).fail(reason)
     return True
 
 

@@ -158,12 +158,12 @@ def open_parent_run(client, experiment: str, study: optuna.Study, spec: StudySpe
             order_by=["attributes.start_time ASC"], max_results=1) if experiment_obj else []
         run_id = found[0].info.run_id if found else None
     if run_id:
-        return TrackedRun.reopen(client, run_id)
+        return TrackedRun.reopen(client, run_id, leased=False)  # every invocation joining the study writes it
     tags = {STUDY_NAME_TAG: study.study_name, ROLE_TAG: STUDY_ROLE, "optuna.storage": redact(storage_url),
             "optuna.sampler": spec.sampler, "optuna.pruner": spec.pruner, "optuna.objective": spec.objective,
             "grokking_tracked.spec": spec.path, "grokking_tracked.preset": spec.preset}
     parent = TrackedRun.create(client, experiment, run_name=f"study-{study.study_name}", tags=tags,
-                               artifacts={SPEC_ARTIFACT: spec.text})
+                               artifacts={SPEC_ARTIFACT: spec.text}, leased=False)
     study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
     return parent
 

@@ -9,12 +9,12 @@
 """
 
 from .experiment import ExperimentResult, resume_experiment, run_experiment
-from .fetch import fetch_config, fetch_history, list_checkpoints
+from .fetch import RunArtifacts, fetch_config, fetch_history, list_checkpoints
 from .reanalysis import analyze_run, compare_runs
 from .runs import TrackedRun, status_for
 from .store import DEFAULT_EXPERIMENT, TrackingError, connect, ensure_experiment, get_run, resolve_tracking_uri
 from .tracker import MlflowTracker
 
-__all__ = ["ExperimentResult", "resume_experiment", "run_experiment", "fetch_config", "fetch_history",
+__all__ = ["ExperimentResult", "resume_experiment", "run_experiment", "RunArtifacts", "fetch_config", "fetch_history",
            "list_checkpoints", "analyze_run", "compare_runs", "TrackedRun", "status_for", "DEFAULT_EXPERIMENT",
            "TrackingError", "connect", "ensure_experiment", "get_run", "resolve_tracking_uri", "MlflowTracker"]

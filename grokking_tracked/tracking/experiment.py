@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from ..config import Config
 from ..train import Callback, Trainer, TrainResult, check_runnable
-from .fetch import complete_steps, fetch_config, fetch_history, newest_loadable_checkpoint
-from .runs import CONFIG_ARTIFACT, TrackedRun
-from .store import DEFAULT_EXPERIMENT, connect, get_run
+from .fetch import RunArtifacts, complete_steps, fetch_history
+from .provenance import command_line, versions
+from .runs import CONFIG_ARTIFACT, TrackedRun, check_reopenable
+from .store import DEFAULT_EXPERIMENT, connect, is_remote
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `grokking-tracked ui` serves a local store
 
 RESUMED_MAX_STEPS_TAG = "resumed_max_steps"
+RESUME_TAG = "grokking_tracked.resume.{number}"
+
+
+def resume_tags(existing: dict[str, str], step: int, max_steps: int | None) -> dict[str, str]:
+    """What this resume did, under a tag of its own: the run's origin (source, command, versions) is kept."""
+    number = 1 + sum(1 for key in existing if key.startswith("grokking_tracked.resume."))
+    record = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_step": step,
+              "host": socket.gethostname(), "command": command_line(), "versions": versions()}
+    tags = {RESUME_TAG.format(number=number): json.dumps(record, sort_keys=True)[:5000]}
+    if max_steps is not None:
+        tags[RESUMED_MAX_STEPS_TAG] = str(max_steps)
+    return tags
 
 
 @dataclass
@@ -20,6 +38,13 @@ class ExperimentResult:
     run_id: str
     result: TrainResult
     tracking_uri: str
+    experiment_id: str | None = None
+
+    def runs_url(self, ui: str = LOCAL_UI) -> str:
+        """The link that opens this run's experiment in MLflow's model-training runs view: on the tracking
+        server itself, or on ``grokking-tracked ui`` (``ui``) for a local store."""
+        base = self.tracking_uri if is_remote(self.tracking_uri) else ui
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     @property
     def history(self) -> list[tuple[int, dict]]:
@@ -54,29 +79,31 @@ def run_experiment(config: Config, tracking_uri: str | None = None, experiment: 
             on_run_started(run.run_id)
         trainer = Trainer(config, [run.tracker(), *callbacks], progress=progress, threads=threads)
         result = trainer.train()
-    return ExperimentResult(run.run_id, result, client.tracking_uri)
+    return ExperimentResult(run.run_id, result, client.tracking_uri, run.experiment_id)
 
 
 def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bool = True,
-                      callbacks: Iterable[Callback] = (), max_steps: int | None = None) -> ExperimentResult:
+                      callbacks: Iterable[Callback] = (), max_steps: int | None = None,
+                      force: bool = False) -> ExperimentResult:
     """Continue a run from its newest loadable checkpoint, in the same MLflow run (after a crash, or to train
     longer with a larger ``max_steps``: MLflow params are immutable, so the new budget goes to config.json and
-    a tag)."""
+    a tag). A run another live process is writing is refused unless ``force``."""
     client = connect(tracking_uri)
-    get_run(client, run_id)
+    check_reopenable(client, run_id, force=force)  # a killed writer's spool is delivered before we read
+    artifacts = RunArtifacts(client, run_id)
     with tempfile.TemporaryDirectory(prefix="grokking-resume-") as scratch:
-        config = fetch_config(client, run_id, scratch)
+        config = artifacts.config(scratch)
         if max_steps is not None:
             config = config.replace(max_steps=max_steps)
         check_runnable(config)
-        state = newest_loadable_checkpoint(client, run_id, scratch)
+        state = artifacts.newest_loadable_checkpoint(scratch)
     history = fetch_history(client, run_id)
-    with TrackedRun.reopen(client, run_id) as run:
+    with TrackedRun.reopen(client, run_id, force=force) as run:
         trainer = Trainer(config, [run.tracker(logged_steps=complete_steps(history)), *callbacks], progress=progress)
         trainer.load_state_dict(state)
         trainer.history = [(s, m) for s, m in history if s <= trainer.step]
+        run.set_tags(resume_tags(run.client.get_run(run_id).data.tags, trainer.step, max_steps))
         if max_steps is not None:
-            run.set_tags({RESUMED_MAX_STEPS_TAG: str(max_steps)})
             run.log_dict(config.to_dict(), CONFIG_ARTIFACT)
         result = trainer.train()
-    return ExperimentResult(run_id, result, client.tracking_uri)
+    return ExperimentResult(run_id, result, client.tracking_uri, run.experiment_id)

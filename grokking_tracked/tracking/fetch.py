@@ -1,8 +1,14 @@
 """Reading a run back from the tracking server: its config, metric history and checkpoints.
 
-Artifact paths that come from a server are never trusted as local paths: a checkpoint is only ever a name
-matching ``checkpoints/step_<digits>.pt``, rebuilt by us before anything local is made from it; anything else
-in ``checkpoints/`` is skipped with a warning.
+What a server says is never trusted as a local path:
+
+- A run's artifact location is read once and checked (``RunArtifacts``): with a remote tracking server, a
+  local location (``file:`` or a bare path) would let the server choose where on this machine we read and
+  write, so it is refused unless ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` says the path is a shared
+  filesystem on purpose. Every later transfer goes through that one repository, whatever the server answers
+  afterwards.
+- A checkpoint is only ever a name matching ``checkpoints/step_<digits>.pt``, rebuilt by us before anything
+  local is made from it; anything else in ``checkpoints/`` is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -19,37 +25,78 @@ from ..analysis.checkpoints import CheckpointError, load_checkpoint
 from ..config import Config
 from ..metrics import EVAL_METRICS
 from .runs import CONFIG_ARTIFACT
-from .store import TrackingError
+from .store import TrackingError, check_artifact_location, get_run
 from .tracker import CHECKPOINT_DIR
 
 _CHECKPOINT_NAME = re.compile(r"step_(\d{1,12})\.pt")
 
 
-def list_checkpoints(client: MlflowClient, run_id: str, warn=None) -> list[tuple[int, str]]:
-    """(step, artifact path) of every checkpoint of the run, by step; other files are skipped with a warning."""
-    warn = warn or (lambda message: print(message, file=sys.stderr))
-    found = []
-    for info in client.list_artifacts(run_id, CHECKPOINT_DIR):
-        name = info.path.rsplit("/", 1)[-1]
-        match = _CHECKPOINT_NAME.fullmatch(name)
-        if info.is_dir or not match or info.path != f"{CHECKPOINT_DIR}/{name}":
-            warn(f"grokking-tracked: ignoring {info.path!r} in run {run_id}: not a checkpoint of ours")
-            continue
-        found.append((int(match.group(1)), f"{CHECKPOINT_DIR}/step_{match.group(1)}.pt"))
-    return sorted(found)
+class RunArtifacts:
+    """One run's artifact repository, resolved once from a checked location."""
 
+    def __init__(self, client: MlflowClient, run_id: str):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str | Path) -> Path:
-    try:
-        return Path(client.download_artifacts(run_id, path, str(dst)))
-    except (MlflowException, OSError) as exc:
-        raise TrackingError(f"cannot download {path!r} of run {run_id}: {str(exc).splitlines()[0]}") from None
+        self.client, self.run_id = client, run_id
+        self.run = get_run(client, run_id)
+        check_artifact_location(client.tracking_uri, self.run.info.artifact_uri, run_id)
+        self.repository = get_artifact_repository(self.run.info.artifact_uri, tracking_uri=client.tracking_uri)
+
+    def list(self, path: str | None = None):
+        try:
+            return self.repository.list_artifacts(path)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"cannot list {path or 'the artifacts'} of run {self.run_id}: "
+                                f"{str(exc).splitlines()[0]}") from None
+
+    def download(self, path: str, destination: str | Path) -> Path:
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(self.repository.download_artifacts(path, str(destination)))
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"cannot download {path!r} of run {self.run_id}: {str(exc).splitlines()[0]}") from None
+
+    def upload_directory(self, local: str | Path, path: str) -> None:
+        self.repository.log_artifacts(str(local), path)
+
+    def checkpoints(self, warn=None) -> list[tuple[int, str]]:
+        """(step, artifact path) of every checkpoint, by step; other files are skipped with a warning."""
+        warn = warn or (lambda message: print(message, file=sys.stderr))
+        found = []
+        for info in self.list(CHECKPOINT_DIR):
+            name = info.path.rsplit("/", 1)[-1]
+            match = _CHECKPOINT_NAME.fullmatch(name)
+            if info.is_dir or not match or info.path != f"{CHECKPOINT_DIR}/{name}":
+                warn(f"grokking-tracked: ignoring {info.path!r} in run {self.run_id}: not a checkpoint of ours")
+                continue
+            found.append((int(match.group(1)), f"{CHECKPOINT_DIR}/step_{match.group(1)}.pt"))
+        return sorted(found)
+
+    def config(self, scratch: str | Path) -> Config:
+        path = self.download(CONFIG_ARTIFACT, scratch)
+        try:
+            return Config.from_dict(json.loads(path.read_text()))
+        except ValueError as exc:
+            raise TrackingError(f"run {self.run_id} has an unusable {CONFIG_ARTIFACT}: "
+                                f"{str(exc).splitlines()[0]}") from None
+
+    def newest_loadable_checkpoint(self, scratch: str | Path) -> dict:
+        """The newest checkpoint that loads (a kill mid-upload can leave the last one truncated), weights_only."""
+        checkpoints = self.checkpoints()
+        if not checkpoints:
+            raise TrackingError(f"run {self.run_id} has no checkpoints to resume from")
+        for step, artifact in reversed(checkpoints):
+            try:
+                return load_checkpoint(self.download(artifact, Path(scratch) / f"step_{step}"))
+            except CheckpointError as exc:
+                print(f"grokking-tracked: skipping {artifact}: {exc}", file=sys.stderr)
+        raise TrackingError(f"run {self.run_id} has no loadable checkpoint to resume from")
 
 
 def fetch_history(client: MlflowClient, run_id: str) -> list[tuple[int, dict]]:
     """The run's evaluations as (step, metrics), rebuilt from MLflow's metric histories (event metrics,
     ``*_step``, are not evaluations and are left out)."""
-    keys = [key for key in client.get_run(run_id).data.metrics if not key.endswith("_step")]
+    keys = [key for key in get_run(client, run_id).data.metrics if not key.endswith("_step")]
     by_step: dict[int, dict] = {}
     for key in keys:
         for metric in client.get_metric_history(run_id, key):
@@ -63,21 +110,8 @@ def complete_steps(history: list[tuple[int, dict]]) -> list[int]:
 
 
 def fetch_config(client: MlflowClient, run_id: str, scratch: str | Path) -> Config:
-    path = download_artifact(client, run_id, CONFIG_ARTIFACT, scratch)
-    try:
-        return Config.from_dict(json.loads(path.read_text()))
-    except ValueError as exc:
-        raise TrackingError(f"run {run_id} has an unusable {CONFIG_ARTIFACT}: {str(exc).splitlines()[0]}") from None
+    return RunArtifacts(client, run_id).config(scratch)
 
 
-def newest_loadable_checkpoint(client: MlflowClient, run_id: str, scratch: str | Path) -> dict:
-    """The newest checkpoint that loads (a kill mid-upload can leave the last one truncated), weights_only."""
-    checkpoints = list_checkpoints(client, run_id)
-    if not checkpoints:
-        raise TrackingError(f"run {run_id} has no checkpoints to resume from")
-    for step, artifact in reversed(checkpoints):
-        try:
-            return load_checkpoint(download_artifact(client, run_id, artifact, scratch))
-        except CheckpointError as exc:
-            print(f"grokking-tracked: skipping {artifact}: {exc}", file=sys.stderr)
-    raise TrackingError(f"run {run_id} has no loadable checkpoint to resume from")
+def list_checkpoints(client: MlflowClient, run_id: str) -> list[tuple[int, str]]:
+    return RunArtifacts(client, run_id).checkpoints()

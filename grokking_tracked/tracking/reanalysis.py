@@ -10,34 +10,35 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
-from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
-from .fetch import download_artifact, fetch_config, fetch_history, list_checkpoints
-from .store import TrackingError, connect, get_run
+from .fetch import RunArtifacts, fetch_history
+from .provenance import command_line, versions
+from .store import TrackingError, connect
 
 ANALYSIS_DIR = "analysis"
 LATEST_ANALYSIS_TAG = "analysis.latest"
 SUMMARY_FILE = "summary.json"
 
 
-def latest_analysis(client: MlflowClient, run) -> str | None:
+def latest_analysis(artifacts: RunArtifacts) -> str | None:
     """Artifact path of the run's newest analysis summary, if it has one."""
-    latest = run.data.tags.get(LATEST_ANALYSIS_TAG)
+    latest = artifacts.run.data.tags.get(LATEST_ANALYSIS_TAG)
     if latest is not None and latest.isdigit():
         return f"{ANALYSIS_DIR}/{int(latest)}/{SUMMARY_FILE}"
     legacy = f"{ANALYSIS_DIR}/{SUMMARY_FILE}"  # written by versions before analyses were numbered
-    if any(info.path == legacy for info in client.list_artifacts(run.info.run_id, ANALYSIS_DIR)):
+    if any(info.path == legacy for info in artifacts.list(ANALYSIS_DIR)):
         return legacy
     return None
 
 
-def _next_analysis_number(client: MlflowClient, run) -> int:
-    numbers = [int(info.path.rsplit("/", 1)[-1]) for info in client.list_artifacts(run.info.run_id, ANALYSIS_DIR)
+def _next_analysis_number(artifacts: RunArtifacts) -> int:
+    numbers = [int(info.path.rsplit("/", 1)[-1]) for info in artifacts.list(ANALYSIS_DIR)
                if info.is_dir and info.path.rsplit("/", 1)[-1].isdigit()]
-    latest = run.data.tags.get(LATEST_ANALYSIS_TAG, "")
+    latest = artifacts.run.data.tags.get(LATEST_ANALYSIS_TAG, "")
     return max([0, *numbers, int(latest) if latest.isdigit() else 0]) + 1
 
 
@@ -50,22 +51,25 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path
     from ..analysis import analyze_checkpoints
 
     client = connect(tracking_uri)
-    run = get_run(client, run_id)
+    artifacts = RunArtifacts(client, run_id)  # every transfer below goes through this checked repository
     with tempfile.TemporaryDirectory(prefix="grokking-analyze-") as scratch:
         scratch = Path(scratch)
-        config = fetch_config(client, run_id, scratch)  # fails early and clearly on a run that is not ours
-        checkpoints = list_checkpoints(client, run_id)
+        config = artifacts.config(scratch)  # fails early and clearly on a run that is not ours
+        checkpoints = artifacts.checkpoints()
         if not checkpoints:
             raise TrackingError(f"run {run_id} has no checkpoints to analyse")
-        local = [(step, download_artifact(client, run_id, path, scratch / "download")) for step, path in checkpoints]
+        local = [(step, artifacts.download(path, scratch / "download")) for step, path in checkpoints]
         out_dir = scratch / ANALYSIS_DIR
         summary = analyze_checkpoints(local, out_dir, history=fetch_history(client, run_id), progress=progress,
                                       expected_config=config)
-        number = _next_analysis_number(client, run)
+        number = _next_analysis_number(artifacts)
         summary["analysis_path"] = f"{ANALYSIS_DIR}/{number}"
-        client.log_artifacts(run_id, str(out_dir), f"{ANALYSIS_DIR}/{number}")
+        artifacts.upload_directory(out_dir, f"{ANALYSIS_DIR}/{number}")
         fourier = summary["fourier"]
+        provenance = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(),
+                      "versions": versions(), "checkpoints": len(checkpoints)}
         client.log_batch(run_id, tags=[
+            RunTag(f"analysis.{number}.provenance", json.dumps(provenance, sort_keys=True)[:5000]),
             RunTag(LATEST_ANALYSIS_TAG, str(number)),
             RunTag("analysis.key_frequencies", json.dumps(fourier["key_frequencies"])),
             RunTag("analysis.restricted_loss_falls_before_test_loss",
@@ -81,20 +85,19 @@ def compare_runs(run_ids: list[str], output: str | Path, tracking_uri: str | Non
     from ..analysis import compare_figure
 
     client = connect(tracking_uri)
-    if log_to:
-        get_run(client, log_to)
+    destination = RunArtifacts(client, log_to) if log_to else None  # an unknown run fails before any work
     histories, progress = {}, {}
     with tempfile.TemporaryDirectory(prefix="grokking-compare-") as scratch:
         for run_id in run_ids:
-            run = get_run(client, run_id)
-            name = f"{run.info.run_name or run_id[:8]} ({run_id[:8]})"
+            artifacts = RunArtifacts(client, run_id)
+            name = f"{artifacts.run.info.run_name or run_id[:8]} ({run_id[:8]})"
             histories[name] = fetch_history(client, run_id)
-            summary_path = latest_analysis(client, run)
+            summary_path = latest_analysis(artifacts)
             if summary_path is not None:
-                path = download_artifact(client, run_id, summary_path, Path(scratch) / run_id)
+                path = artifacts.download(summary_path, Path(scratch) / run_id)
                 progress[name] = json.loads(path.read_text())
     figure = compare_figure(histories, Path(output), progress=progress or None,
                             title=f"{len(run_ids)} runs compared")
-    if log_to:
-        client.log_artifact(log_to, str(figure), "comparisons")
+    if destination is not None:
+        destination.repository.log_artifact(str(figure), "comparisons")
     return figure

@@ -1,27 +1,34 @@
 """The life cycle of every MLflow run we write: open (create or reopen), send, end. One place.
 
 A plain run, a resumed run, a study trial, a lockstep member and a study's parent run are all a
-``TrackedRun``: a context manager that creates the run with its params, tags and opening artifacts in as few
-requests as MLflow allows, hands out its ``MlflowTracker`` and always ends it with the status that matches how
-the block ended (FINISHED; KILLED for Ctrl-C, SIGTERM or a deliberate stop; FAILED for an error).
+``TrackedRun``: a context manager that creates the run (one synchronous request: the id is needed), sends
+everything else through the run's durable ``Outbox`` (ordered, spooled to disk, retried through outages),
+holds the run's lease while it is open, and always ends it with the status that matches how the block ended
+(FINISHED; KILLED for Ctrl-C, SIGTERM or a deliberate stop; FAILED for an error). The final status is the last
+entry of the outbox, so a run is never reported finished before its data is on the server.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from ..config import Config
 from ..train import TrainingStopped
-from .store import ensure_experiment
+from .lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
+from .outbox import Outbox
+from .provenance import context_tags, dataset_inputs, default_run_name
+from .spool import deliver_spool, run_spool_dir, spool_root_for
+from .store import TrackingError, check_artifact_location, ensure_experiment, get_run
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -30,7 +37,27 @@ PRESET_TAG = "grokking_tracked.preset"
 ROLE_TAG = "grokking_tracked.role"  # "trial" or "study" for a study's runs
 CONFIG_ARTIFACT = "config.json"
 EVENTS_ARTIFACT = "events.json"
-END_WAIT_SECONDS = 60.0  # how long ending a run waits for what it still has to send
+DELIVERY_WAIT_ENV = "GROKKING_TRACKED_DELIVERY_WAIT"
+DELIVERY_WAIT_SECONDS = 120.0  # how long ending a run waits for the server to take what it still has to send
+INTERRUPTED_WAIT_SECONDS = 10.0
+PROGRESS_EVERY_SECONDS = 10.0
+
+
+class TrackingUndelivered(TrackingError):
+    """The server stayed away when a run ended: its data is safe in the spool, not yet on the server."""
+
+
+def delivery_wait() -> float:
+    """Seconds the end of a run waits for delivery: $GROKKING_TRACKED_DELIVERY_WAIT, else 120."""
+    value = os.environ.get(DELIVERY_WAIT_ENV)
+    try:
+        return float(value) if value else DELIVERY_WAIT_SECONDS
+    except ValueError:
+        raise TrackingError(f"{DELIVERY_WAIT_ENV} must be a number of seconds, got {value!r}") from None
+
+
+def _stderr_line(line: str) -> None:
+    print(f"grokking-tracked: {line}", file=sys.stderr, flush=True)
 
 
 def status_for(error: BaseException | None) -> str:
@@ -52,105 +79,88 @@ def config_params(config: Config) -> list[Param]:
     return [Param(key, str(value)) for key, value in config.to_dict().items()]
 
 
-class _DirectSender:
-    """Sends a run's operations in order without blocking the caller: metric batches through MLflow's
-    asynchronous logging, files and small artifacts on one upload thread that first waits for the metrics sent
-    before them (so a checkpoint never exists before its steps' metrics)."""
+def deliver_leftovers(client: MlflowClient, timeout: float, echo: Callable[[str], None] | None = None):
+    """``grokking-tracked sync``: deliver every spool that dead writers left for this tracking store (runs that
+    ended while the server was away, processes that were killed); returns the ``SpoolDelivery`` report."""
+    root = spool_root_for(client.tracking_uri)
+    if not root.is_dir():
+        from .spool import SpoolDelivery
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
-        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-upload")
-        self._pending_metrics: list = []
-        self._pending: list = []
-        self._scratch = tempfile.TemporaryDirectory(prefix="grokking-tracked-")
+        return SpoolDelivery()
+    return deliver_spool(client, root, timeout=timeout, echo=echo or _stderr_line)
 
-    def staging_path(self, name: str) -> Path:
-        return Path(self._scratch.name) / name
 
-    def log_metrics(self, metrics: list[Metric]) -> None:
-        if metrics:
-            self._pending_metrics.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
-
-    def _submit(self, function, *args) -> None:
-        metrics, self._pending_metrics = self._pending_metrics, []
-
-        def after_metrics():
-            for operation in metrics:
-                operation.wait()
-            function(*args)
-
-        self._pending.append(self._uploads.submit(after_metrics))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._submit(self.client.log_batch, self.run_id, (), (), [RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_dict(self, value: Any, artifact_file: str) -> None:
-        self._submit(self.client.log_dict, self.run_id, value, artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._submit(self.client.log_text, self.run_id, text, artifact_file)
-
-    def log_file(self, path: Path, artifact_path: str | None = None, move: bool = False) -> None:
-        def upload():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-            if move:
-                Path(path).unlink(missing_ok=True)
-
-        self._submit(upload)
-
-    def log_figure(self, figure, artifact_file: str) -> None:
-        from ..figures import save_figure
-
-        path = save_figure(figure, self.staging_path(Path(artifact_file).name))
-        self.log_file(path, str(Path(artifact_file).parent), move=True)
-
-    def terminate(self, status: str) -> None:
-        self._submit(self.client.set_terminated, self.run_id, status)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once everything sent so far is stored; re-raises the first error."""
-        metrics, self._pending_metrics = self._pending_metrics, []
-        for operation in metrics:
-            operation.wait()
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result(timeout=timeout)
-        return True
-
-    def close(self) -> None:
-        self._uploads.shutdown(wait=True)
-        self._scratch.cleanup()
+def check_reopenable(client: MlflowClient, run_id: str, force: bool = False, leased: bool = True,
+                     echo: Callable[[str], None] | None = None):
+    """Before anyone continues a run (or reads its history to do so): deliver what a killed writer of it left in
+    the local spool, so the server's history is complete; then refuse, in one line, a run whose lease is live
+    (a process elsewhere is writing it), unless ``force``. Returns the run."""
+    spool = run_spool_dir(spool_root_for(client.tracking_uri), run_id)
+    if spool.is_dir():
+        delivery = deliver_spool(client, spool, timeout=delivery_wait(), echo=echo or _stderr_line)
+        if leased and delivery.busy and not force:
+            try:
+                writer = json.loads((delivery.busy[0] / "writer.json").read_text())
+                holder = f"pid {writer['pid']} on {writer['host']}"
+            except (OSError, ValueError, KeyError):
+                holder = "a live process on this host"
+            raise TrackingError(f"run {run_id} is still being written: {holder} holds its spool "
+                                f"{delivery.busy[0]} (--force overrides)")
+        if leased and delivery.pending:
+            raise TrackingUndelivered(f"run {run_id} still has {delivery.pending} undelivered operations in "
+                                      f"{spool}; run `grokking-tracked sync` when the server is back")
+    run = get_run(client, run_id)
+    if leased and not force:
+        state = lease_state(run.data.tags.get(LEASE_TAG), this_host(), time.time())
+        if state.live:
+            raise TrackingError(f"run {run_id} is still being written: {state.reason} (--force overrides)")
+    return run
 
 
 class TrackedRun:
-    """One MLflow run from open to end. Use ``TrackedRun.create``/``TrackedRun.reopen`` in a ``with`` block."""
+    """One MLflow run from open to end. Use ``TrackedRun.create``/``TrackedRun.reopen`` in a ``with`` block.
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
-        self.sender = _DirectSender(client, run_id)
+    ``echo``: where one-line notices go (the outbox's outage lines, the wait at the end); stderr by default.
+    ``leased``: hold the run's lease (a study's parent run is written by every worker at once: not leased)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, echo: Callable[[str], None] | None = None,
+                 leased: bool = True, experiment_id: str | None = None):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+        self.echo = echo or _stderr_line
+        self.outbox = Outbox(client, run_id, echo=self.echo)
+        self.lease = LeaseKeeper(self.outbox.set_tags) if leased else None
+        if self.lease is not None:
+            self.lease.start()
         self.status: str | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, client: MlflowClient, experiment: str, *, run_name: str | None = None,
                tags: dict[str, str] | None = None, params: Iterable[Param] = (),
-               artifacts: dict[str, Any] | None = None, parent_run_id: str | None = None) -> "TrackedRun":
-        """A new RUNNING run with its tags (one request), params (one request) and opening JSON/text artifacts.
-        If filling it fails, it ends FAILED (KILLED on Ctrl-C) before the error propagates."""
-        tags = dict(tags or {})
+               artifacts: dict[str, Any] | None = None, parent_run_id: str | None = None,
+               echo: Callable[[str], None] | None = None, leased: bool = True) -> "TrackedRun":
+        """A new RUNNING run: one request creates it with its tags and lease; its params and opening JSON/text
+        artifacts follow through the outbox. If queueing them fails, the run ends FAILED (KILLED on Ctrl-C)."""
+        tags = {**context_tags(), **(tags or {}), **({LEASE_TAG: lease_value(time.time())} if leased else {})}
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id
-        run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=tags)
-        tracked = cls(client, run.info.run_id)
+        experiment_id = ensure_experiment(client, experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        try:
+            check_artifact_location(client.tracking_uri, run.info.artifact_uri, run.info.run_id)
+        except TrackingError:
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise
+        tracked = cls(client, run.info.run_id, echo, leased, experiment_id)
         try:
             params = list(params)
             if params:
-                client.log_batch(tracked.run_id, params=params)
+                tracked.outbox.log_batch(params={p.key: p.value for p in params})
             for name, value in (artifacts or {}).items():
                 if isinstance(value, str):
-                    client.log_text(tracked.run_id, value, name)
+                    tracked.outbox.log_text(value, name)
                 else:
-                    client.log_dict(tracked.run_id, value, name)
+                    tracked.outbox.log_dict(value, name)
         except BaseException as error:
             tracked.end(status_for(error))
             raise
@@ -158,18 +168,31 @@ class TrackedRun:
 
     @classmethod
     def create_for_config(cls, client: MlflowClient, config: Config, experiment: str, *, run_name: str | None = None,
-                          tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> "TrackedRun":
-        """A training run: the config as params and ``config.json``, an empty ``events.json``."""
+                          tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                          echo: Callable[[str], None] | None = None) -> "TrackedRun":
+        """A training run: the config as params and ``config.json``, an empty ``events.json``, the split as
+        dataset inputs; named after its task and hyperparameters unless ``run_name`` says otherwise."""
+        from ..data import make_dataset
+
         tags = {TASK_TAG: f"{config.operation} mod {config.p}", **(tags or {})}
-        return cls.create(client, experiment, run_name=run_name, tags=tags, params=config_params(config),
-                          artifacts={CONFIG_ARTIFACT: config.to_dict(), EVENTS_ARTIFACT: []},
-                          parent_run_id=parent_run_id)
+        run = cls.create(client, experiment, run_name=run_name or default_run_name(config, tags.get(PRESET_TAG)),
+                         tags=tags, params=config_params(config),
+                         artifacts={CONFIG_ARTIFACT: config.to_dict(), EVENTS_ARTIFACT: []},
+                         parent_run_id=parent_run_id, echo=echo)
+        run.outbox.log_inputs(dataset_inputs(config, make_dataset(config)))
+        return run
 
     @classmethod
-    def reopen(cls, client: MlflowClient, run_id: str) -> "TrackedRun":
-        """An existing run continued (``--resume``, a study's parent on a later invocation): RUNNING again."""
-        client.update_run(run_id, status=RUNNING)
-        return cls(client, run_id)
+    def reopen(cls, client: MlflowClient, run_id: str, force: bool = False,
+               echo: Callable[[str], None] | None = None, leased: bool = True) -> "TrackedRun":
+        """An existing run continued (``--resume``, a study's parent on a later invocation): RUNNING again,
+        after ``check_reopenable`` and, for a leased run, taking its lease."""
+        run = check_reopenable(client, run_id, force=force, leased=leased, echo=echo)
+        if leased:
+            client.set_tag(run_id, LEASE_TAG, lease_value(time.time()))  # taken now, not after a queue
+        tracked = cls(client, run_id, echo, leased, run.info.experiment_id)
+        tracked.outbox.set_status(RUNNING)
+        return tracked
 
     # ------------------------------------------------------------------ sending
     def tracker(self, **options):
@@ -178,59 +201,93 @@ class TrackedRun:
         return MlflowTracker(self, **options)
 
     def log_metrics(self, metrics: list[Metric]) -> None:
-        self.sender.log_metrics(metrics)
+        self.outbox.log_batch(metrics=metrics)
 
     def log_values(self, values: dict[str, float], step: int) -> None:
         self.log_metrics(metrics_at(values, step))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.sender.set_tags(tags)
+        self.outbox.set_tags(tags)
 
     def log_dict(self, value: Any, artifact_file: str) -> None:
-        self.sender.log_dict(value, artifact_file)
+        self.outbox.log_dict(value, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.sender.log_text(text, artifact_file)
+        self.outbox.log_text(text, artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.sender.log_figure(figure, artifact_file)
+        from ..figures import save_figure
+
+        directory, _, name = artifact_file.rpartition("/")
+        self.log_file(save_figure(figure, self.staging_path(name)), directory or None, move=True)
 
     def log_file(self, path: Path, artifact_path: str | None = None, move: bool = False) -> None:
-        """Upload a file; ``move``: it was written into ``staging_path()`` and is ours to delete once sent."""
-        self.sender.log_file(path, artifact_path, move=move)
+        """Upload a file; ``move``: it was written into ``staging_path()`` and is handed over, not copied."""
+        self.outbox.log_file(path, artifact_path, move=move)
 
     def staging_path(self, name: str) -> Path:
-        """Where to write a file (a checkpoint) that ``log_file(..., move=True)`` will send."""
-        return self.sender.staging_path(name)
+        """Where to write a file (a checkpoint, a figure) that ``log_file(..., move=True)`` will send."""
+        return self.outbox.staging_path(name)
 
     # ------------------------------------------------------------------ ending
     def end(self, status: str) -> None:
-        """Deliver what is pending, then set the final status; once only. Never raises over the error that
-        ended the block (a failed send is reported on stderr, and the run still gets its status)."""
+        """Release the lease, queue the final status after everything else, and wait (a bounded time, with a
+        progress line) until the server has it all; once only.
+
+        If the server stays away, the data stays in the spool and ``TrackingUndelivered`` names it and the
+        command that delivers it later -- unless the block already ended by an error, which is not hidden:
+        the notice is printed instead. Ctrl-C while waiting stops waiting at once and marks the run KILLED."""
         if self.status is not None:
             return
         self.status = status
-        try:
-            try:
-                self.sender.terminate(status)
-                self.sender.wait(END_WAIT_SECONDS)
-            finally:
-                self.sender.close()
-        except Exception as error:  # noqa: BLE001
-            if status == FINISHED:
-                self.status = None
-                self._terminate_directly(FAILED)
-                raise
-            print(f"grokking-tracked: could not deliver everything to run {self.run_id}: "
-                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
-            self._terminate_directly(status)
+        if self.lease is not None:
+            self.lease.stop(release=True)
+        self.outbox.set_status(status)
+        last_line = [0.0]
 
-    def _terminate_directly(self, status: str) -> None:
+        def progress(pending: int, waited: float) -> None:
+            if waited - last_line[0] >= PROGRESS_EVERY_SECONDS:
+                last_line[0] = waited
+                self.echo(f"waiting for the tracking server: {pending} operations of run {self.run_id} pending "
+                          f"({waited:.0f} s)")
+
+        # An interrupted or failed run waits briefly: Ctrl-C must end a run promptly even with the server away.
+        budget = delivery_wait() if status == FINISHED else min(INTERRUPTED_WAIT_SECONDS, delivery_wait())
         try:
-            self.client.set_terminated(self.run_id, status=status)
-            self.status = status
-        except Exception:  # noqa: BLE001 - the server may be the reason we are ending; nothing more to do
-            pass
+            delivered = self.outbox.wait(budget, progress)
+        except BaseException:  # Ctrl-C (a second one, too) or SIGTERM while waiting: stop now, run KILLED
+            self.outbox.close(timeout=1.0)
+            self._terminate_promptly("KILLED")
+            self.echo(f"interrupted while delivering run {self.run_id}; what is left is in "
+                      f"{self.outbox.spool_dir} (`grokking-tracked sync` delivers it)")
+            raise
+        pending, failures = self.outbox.pending, self.outbox.failures
+        spool = self.outbox.spool_dir
+        self.outbox.close()
+        if delivered:
+            return
+        if pending:
+            message = (f"the tracking server did not take run {self.run_id}'s last {pending} operations within "
+                       f"{budget:.0f} s; they are safe in {spool}: run `grokking-tracked sync` "
+                       f"(or `grokking-tracked run --resume {self.run_id}`) when it is back")
+        else:
+            message = f"the tracking server refused part of run {self.run_id}: {failures[0]}"
+        if status == FINISHED:
+            raise TrackingUndelivered(message)
+        self._terminate_promptly(status)
+        self.echo(message)
+
+    def _terminate_promptly(self, status: str, seconds: float = 5.0) -> None:
+        """Set a terminal status directly, giving up after ``seconds`` (the server may be why we stop)."""
+        def terminate() -> None:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception:  # noqa: BLE001 - unreachable: the spool still ends with a status
+                pass
+
+        thread = threading.Thread(target=terminate, daemon=True)
+        thread.start()
+        thread.join(seconds)
 
     def __enter__(self) -> "TrackedRun":
         return self
@@ -238,4 +295,3 @@ class TrackedRun:
     def __exit__(self, kind, error, traceback) -> bool:
         self.end(status_for(error))
         return False
-

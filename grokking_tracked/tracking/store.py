@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -29,6 +30,7 @@ EXPERIMENT_DESCRIPTION = ("Grokking experiments (grokking-tracked): each run tra
                           "arithmetic; metrics are step-indexed, detection events are in events.json and the "
                           "*_step metrics, checkpoints and figures are artifacts.")
 HEALTH_TIMEOUT_SECONDS = 5
+TRUST_LOCAL_ARTIFACTS_ENV = "GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS"
 
 
 class TrackingError(UserError, RuntimeError):
@@ -119,3 +121,14 @@ def quote_filter_value(value: str) -> str:
     if '"' not in value:
         return f'"{value}"'
     raise TrackingError(f"{value!r} contains both quote characters: MLflow cannot search for it; rename it")
+
+
+def check_artifact_location(tracking_uri: str, artifact_uri: str, run_id: str) -> None:
+    """Refuse a local artifact location (``file:`` or a bare path) named by a remote tracking server: it would
+    choose where on this machine we read and write. ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` accepts it
+    (a shared filesystem on purpose)."""
+    scheme = urlsplit(artifact_uri).scheme
+    if is_remote(tracking_uri) and scheme in ("", "file") and os.environ.get(TRUST_LOCAL_ARTIFACTS_ENV) != "1":
+        raise TrackingError(f"the tracking server puts run {run_id}'s artifacts at a local path ({artifact_uri}); "
+                            f"refusing to read or write there (a server with proxied artifacts, mlflow-artifacts:/, "
+                            f"or {TRUST_LOCAL_ARTIFACTS_ENV}=1 for a shared filesystem)")

@@ -17,6 +17,7 @@ from mlflow.entities import Metric
 
 from .. import figures
 from ..train import Callback, TrainingState, TrainResult
+from .provenance import DESCRIPTION_TAG, run_description, runtime_tags
 from .runs import EVENTS_ARTIFACT, TrackedRun, metrics_at
 
 CHECKPOINT_DIR = "checkpoints"
@@ -37,6 +38,9 @@ class MlflowTracker(Callback):
         self.flush_seconds = flush_seconds
         self._buffer: list[Metric] = []
         self._last_send = time.monotonic()
+
+    def on_train_start(self, state: TrainingState) -> None:
+        self.run.set_tags(runtime_tags(state.device, state.threads))
 
     def on_eval(self, state: TrainingState, step: int, metrics: dict, events: list[dict]) -> None:
         if step in self.logged_steps:
@@ -65,7 +69,8 @@ class MlflowTracker(Callback):
     def on_train_end(self, state: TrainingState, result: TrainResult) -> None:
         self._send()
         self.run.log_dict(result.events, EVENTS_ARTIFACT)
-        self.run.set_tags({GROKKED_TAG: "true" if result.grokked else "false"})
+        self.run.set_tags({GROKKED_TAG: "true" if result.grokked else "false",
+                           DESCRIPTION_TAG: run_description(result)})
         if self.log_figures:
             for name, figure in run_figures(state, result):
                 self.run.log_figure(figure, f"{FIGURES_DIR}/{name}.png")

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 
 from .outage import is_transient, short_reason
 from .spool import (ENTRY_NAME, SpoolDelivery, deliver_spool, lock_writer_dir, new_writer_dir, run_spool_dir,
@@ -46,7 +46,8 @@ BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
 # log_batch limits of the MLflow REST API (mlflow.utils.validation): consecutive small batches are sent
 # as one request when catching up after an outage (1,000 metrics = ~140 evaluations of 7 metrics).
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100
-_SHOWN_FAILURES = 3  # a deleted run refuses every entry: a few lines, not thousands
+_SHOWN_FAILURES = 3
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # a deleted run refuses every entry: a few lines, not thousands
 
 
 def _default_echo(line: str) -> None:
@@ -64,6 +65,8 @@ def _describe(entry: dict) -> str:
         return f"artifact {'/'.join(filter(None, [entry['dir'], Path(entry['file']).name]))}"
     if entry["op"] == "status":
         return f"status {entry['status']}"
+    if entry["op"] == "inputs":
+        return f"{len(entry['datasets'])} dataset inputs"
     return "an unreadable entry"
 
 
@@ -163,6 +166,12 @@ class Outbox:
                 shutil.move(path, target)  # a rename on the same filesystem, else a copy
 
         self._enqueue({"op": "artifact", "dir": artifact_dir}, path.name, take)
+
+    def log_inputs(self, datasets: Iterable[DatasetInput]) -> None:
+        """Dataset inputs (the UI's Dataset column); logging the same dataset again is idempotent."""
+        self._enqueue({"op": "inputs", "datasets": [
+            {"dataset": {key: getattr(d.dataset, key) for key in DATASET_FIELDS},
+             "tags": [[tag.key, tag.value] for tag in d.tags]} for d in datasets]})
 
     def set_status(self, status: str, end_time_ms: int | None = None) -> None:
         """RUNNING (a resumed run) or a terminal status, whose end time is fixed now, not at delivery."""
@@ -307,6 +316,9 @@ class Outbox:
         entry = entries[0]
         if entry["op"] == "artifact":
             self.client.log_artifact(self.run_id, str(self._dir / entry["file"]), entry["dir"])
+        elif entry["op"] == "inputs":
+            self.client.log_inputs(self.run_id, datasets=[
+                DatasetInput(Dataset(**d["dataset"]), [InputTag(k, v) for k, v in d["tags"]]) for d in entry["datasets"]])
         elif entry["op"] == "status":
             if entry["end_time"] is None:
                 self.client.update_run(self.run_id, status=entry["status"])

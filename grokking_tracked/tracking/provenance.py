@@ -1,0 +1,115 @@
+"""What a run says about itself: where it came from, what it trained on, and a readable name and description.
+
+- Context tags resolved the way MLflow's fluent API resolves them (``mlflow.user``, ``mlflow.source.name``,
+  ``mlflow.source.type``, ``mlflow.source.git.commit`` when run from a checkout, ...): ``MlflowClient.create_run``
+  adds none of them by itself.
+- Versions of the packages that decide the numbers, the device, torch's threads and the command line.
+- The dataset as MLflow inputs (the UI's Dataset column): the split's name and a digest of the actual train and
+  test examples, with the contexts ``training`` and ``evaluation``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import sys
+from importlib import metadata
+
+from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from ..config import Config
+from ..train import TrainResult
+
+VERSION_PACKAGES = ("grokking-tracked", "torch", "transformer-lens", "mlflow", "optuna", "optuna-dashboard")
+VERSION_TAG = "grokking_tracked.versions"
+COMMAND_TAG = "grokking_tracked.command"
+DEVICE_TAG = "grokking_tracked.device"
+THREADS_TAG = "grokking_tracked.torch_threads"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description in the MLflow UI
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in VERSION_PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    argv = sys.argv if argv is None else argv
+    return " ".join(shlex.quote(part) for part in ["grokking-tracked", *argv[1:]]) if argv else ""
+
+
+def context_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """MLflow's own context tags plus the versions and the command line."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {key: str(value) for key, value in resolve_tags().items()}
+    tags[VERSION_TAG] = json.dumps(versions(), sort_keys=True)
+    command = command_line(argv)
+    if command:
+        tags[COMMAND_TAG] = command[:5000]
+    return tags
+
+
+def runtime_tags(device, threads: int | None) -> dict[str, str]:
+    import torch
+
+    return {DEVICE_TAG: str(device), THREADS_TAG: str(threads or torch.get_num_threads())}
+
+
+def _short(value: float) -> str:
+    """1e-2 rather than 0.01 or 1e-02; 1 rather than 1.0."""
+    text = f"{value:.0e}" if value < 0.01 or value >= 1000 else f"{value:g}"
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", text).replace("e+", "e")
+
+
+def default_run_name(config: Config, preset: str | None) -> str:
+    """``add59-default-lr1e-2-wd1``: the task, the preset and the hyperparameters that decide grokking."""
+    parts = [f"{config.operation}{config.p}", preset, f"lr{_short(config.lr)}", f"wd{_short(config.weight_decay)}"]
+    if config.train_frac != 0.3:
+        parts.append(f"frac{config.train_frac:g}")
+    return "-".join(part for part in parts if part)
+
+
+def run_description(result: TrainResult) -> str:
+    memorized, generalized = result.step_of("memorization"), result.step_of("generalization")
+    parts = [f"memorised at step {memorized:,}" if memorized is not None else "did not memorise"]
+    if generalized is not None:
+        delay = f" (a grokking delay of {generalized - memorized:,} steps)" if memorized is not None else ""
+        parts.append(f"generalised at step {generalized:,}{delay}")
+    else:
+        parts.append(f"did not generalise within {result.final_step:,} steps")
+    return f"{', '.join(parts)}; {result.final_step:,} steps in {result.train_seconds:.1f} s of training."
+
+
+def split_name(config: Config) -> str:
+    return f"{config.operation}_mod_{config.p}/frac{config.train_frac:g}/seed{config.data_seed}"
+
+
+def _digest(*tensors) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_inputs(config: Config, data) -> list[DatasetInput]:
+    """The train and test split as MLflow dataset inputs (same split -> same digests)."""
+    source = json.dumps({"generator": "grokking_tracked.data.make_dataset", "p": config.p,
+                         "operation": config.operation, "train_frac": config.train_frac, "data_seed": config.data_seed})
+    schema = json.dumps({"mlflow_colspec": [{"name": "tokens", "type": "long", "shape": [3]},
+                                            {"name": "label", "type": "long"}]})
+    inputs = []
+    for part, context, tokens, labels in (("train", "training", data.train_tokens, data.train_labels),
+                                          ("test", "evaluation", data.test_tokens, data.test_labels)):
+        dataset = Dataset(name=f"{split_name(config)}/{part}", digest=_digest(tokens, labels), source_type="code",
+                          source=source, schema=schema, profile=json.dumps({"num_rows": int(len(labels))}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
