@@ -80,7 +80,7 @@ def test_other_architectures_fall_back_to_autograd(overrides):
 
 
 def test_trainer_takes_the_fast_path_and_trains_as_autograd_does(monkeypatch):
-    config = preset("default", **SMALL, max_steps=40, eval_every=10, checkpoint_every=0, curriculum=True,
+    config = preset("default", **SMALL, lr=3e-3, max_steps=40, eval_every=10, checkpoint_every=0, curriculum=True,
                     curriculum_steps=20, grokfast_lambda=1.0, wd_schedule="linear", wd_schedule_steps=40)
     fast = Trainer(config, progress=False)
     assert fastpath.supports(fast.model)
