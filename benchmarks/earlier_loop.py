@@ -66,7 +66,10 @@ def ensure_venv(venv: Path = DEFAULT_VENV) -> Path:
     print(f"earlier loop: creating {venv} with TransformerLens 3.9 (a few minutes the first time)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     for packages in PACKAGES:
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True)
+        pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], capture_output=True,
+                             text=True)
+        if pip.returncode:
+            raise RuntimeError(f"pip install {' '.join(packages)} into {venv} failed:\n{pip.stderr[-3000:]}")
     versions = subprocess.run(
         [str(python), "-c", "import torch, transformer_lens; from transformer_lens import HookedTransformer; "
                             "from importlib.metadata import version; "
