@@ -82,14 +82,14 @@ def ensure_venv(venv: Path = DEFAULT_VENV) -> Path:
 class EarlierLoop:
     """A worker process of the venv running the earlier loop; ``run(n)`` trains n more epochs, returns seconds."""
 
-    def __init__(self, venv: Path = DEFAULT_VENV, start_epoch: int = 5001):
+    def __init__(self, venv: Path = DEFAULT_VENV, start_epoch: int = 5001, threads: int = 0):
         python = ensure_venv(venv)
         self.workdir = tempfile.TemporaryDirectory(prefix="earlier-loop-")  # its experiments/ folder goes here
         env = {k: v for k, v in os.environ.items()
                if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GROKKING_TORCH_THREADS")}
         self.log = open(Path(self.workdir.name) / "loop.log", "w")
         self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--worker",
-                                      "--start-epoch", str(start_epoch)],
+                                      "--start-epoch", str(start_epoch), "--threads", str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      cwd=self.workdir.name, env=env)
         self.info = self._reply()  # versions and thread count, once the experiment is built
@@ -248,10 +248,13 @@ class EarlierExperiment:
         return time.perf_counter() - started
 
 
-def worker(start_epoch: int) -> None:
+def worker(start_epoch: int, threads: int) -> None:
     """Serve 'N' lines on stdin with one JSON line on stdout each; the loop's own prints go to stderr."""
     import torch
     from importlib.metadata import version
+
+    if threads:  # 0: torch's default, as the earlier project ran
+        torch.set_num_threads(threads)
 
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr
@@ -268,15 +271,17 @@ def main() -> None:
     parser.add_argument("--start-epoch", type=int, default=5001)
     parser.add_argument("--epochs", type=int, default=60, help="epochs per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as the "
+                                                                   "earlier project ran)")
     parser.add_argument("--setup-only", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.start_epoch)
+        return worker(args.start_epoch, args.threads)
     if args.setup_only:
         print((ensure_venv(args.venv).parent.parent / "earlier-loop-ready.txt").read_text().strip())
         return
-    with EarlierLoop(args.venv, args.start_epoch) as loop:
+    with EarlierLoop(args.venv, args.start_epoch, args.threads) as loop:
         loop.run(3)  # warm-up
         rates = [args.epochs / loop.run(args.epochs) for _ in range(args.rounds)]
     print(f"earlier loop (TransformerLens {loop.info['transformer_lens']}, torch {loop.info['torch']}, "

@@ -68,7 +68,8 @@ def section_seed(args) -> None:
     own venv, torch's default threads), alternated round by round so that the machine's load hits both."""
     variants = {"ours": "1", "ours (autograd)": "0"} if args.with_autograd else {"ours": "1"}
     rates: dict[str, list[float]] = {name: [] for name in [*variants, "earlier"]}
-    with tempfile.TemporaryDirectory() as tmp, EarlierLoop(args.earlier_venv, args.earlier_start_epoch) as earlier:
+    earlier_loop = EarlierLoop(args.earlier_venv, args.earlier_start_epoch, args.earlier_threads)
+    with tempfile.TemporaryDirectory() as tmp, earlier_loop as earlier:
         info = earlier.info
         print(f"  earlier loop: TransformerLens {info['transformer_lens']}, torch {info['torch']}, "
               f"{info['threads']} torch threads, epochs from {args.earlier_start_epoch}", flush=True)
@@ -273,6 +274,8 @@ def main() -> None:
     parser.add_argument("--earlier-start-epoch", type=int, default=5001,
                         help="the earlier loop's epoch counter at the start (its curriculum admits every example "
                              "from epoch 5,000 on)")
+    parser.add_argument("--earlier-threads", type=int, default=0,
+                        help="torch threads of the earlier loop (0: torch's default, as the earlier project ran)")
     parser.add_argument("--with-autograd", action="store_true",
                         help="seed: also time our trainer with GROKKING_FASTPATH=0 (autograd) in the same rounds")
     parser.add_argument("--default-runs", type=int, default=1)
