@@ -80,7 +80,8 @@ def ensure_venv(venv: Path = DEFAULT_VENV) -> Path:
 
 
 class EarlierLoop:
-    """A worker process of the venv running the earlier loop; ``run(n)`` trains n more epochs, returns seconds."""
+    """A worker process of the venv running the earlier loop; ``run(n)`` trains n more epochs and returns
+    (wall seconds, CPU seconds of the worker process: every torch thread, spin-waiting included)."""
 
     def __init__(self, venv: Path = DEFAULT_VENV, start_epoch: int = 5001, threads: int = 0):
         python = ensure_venv(venv)
@@ -102,10 +103,11 @@ class EarlierLoop:
             raise RuntimeError(f"earlier-loop worker exited ({self.proc.wait()}):\n{tail}")
         return json.loads(line)
 
-    def run(self, epochs: int) -> float:
+    def run(self, epochs: int) -> tuple[float, float]:
         self.proc.stdin.write(f"{epochs}\n")
         self.proc.stdin.flush()
-        return self._reply()["seconds"]
+        reply = self._reply()
+        return reply["seconds"], reply["cpu_seconds"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -229,8 +231,8 @@ class EarlierExperiment:
                     "test_loss": self.losses["test"][-1], "config": self.config},
                    self.dir / "checkpoints" / f"checkpoint_epoch_{epoch}.pt")
 
-    def train(self, epochs: int) -> float:
-        started = time.perf_counter()
+    def train(self, epochs: int) -> tuple[float, float]:
+        started, cpu = time.perf_counter(), time.process_time()
         for _ in range(epochs):
             epoch = next(self.epochs)
             train_loss, train_acc = self._train_epoch(epoch)
@@ -245,7 +247,7 @@ class EarlierExperiment:
             self.bookkeeping["batch_size"].append(self.config["batch_size"])
             self.bar.set_postfix({"Train Loss": f"{train_loss:.4f}", "Test Loss": f"{test_loss:.4f}",
                                   "Train Acc": f"{train_acc:.4f}", "Test Acc": f"{test_acc:.4f}"})
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu
 
 
 def worker(start_epoch: int, threads: int) -> None:
@@ -262,7 +264,8 @@ def worker(start_epoch: int, threads: int) -> None:
     replies.write(json.dumps({"torch": torch.__version__, "transformer_lens": version("transformer-lens"),
                               "threads": torch.get_num_threads()}) + "\n")
     for line in sys.stdin:
-        replies.write(json.dumps({"seconds": experiment.train(int(line))}) + "\n")
+        seconds, cpu_seconds = experiment.train(int(line))
+        replies.write(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}) + "\n")
 
 
 def main() -> None:
@@ -283,7 +286,7 @@ def main() -> None:
         return
     with EarlierLoop(args.venv, args.start_epoch, args.threads) as loop:
         loop.run(3)  # warm-up
-        rates = [args.epochs / loop.run(args.epochs) for _ in range(args.rounds)]
+        rates = [args.epochs / loop.run(args.epochs)[0] for _ in range(args.rounds)]
     print(f"earlier loop (TransformerLens {loop.info['transformer_lens']}, torch {loop.info['torch']}, "
           f"{loop.info['threads']} threads): " + ", ".join(f"{r:.2f}" for r in rates)
           + f" steps/s; median {statistics.median(rates):.2f}")

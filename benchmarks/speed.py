@@ -45,22 +45,26 @@ class EvalClock(Callback):
 
     def __init__(self):
         self.at: dict[int, float] = {}
+        self.cpu_at: dict[int, float] = {}  # CPU time of the whole process (MLflow's threads included)
         self.generalized: int | None = None
 
     def on_eval(self, trainer, step, metrics, events):
         self.at[step] = time.perf_counter()
+        self.cpu_at[step] = time.process_time()
         if any(e["event"] == "generalization" for e in events):
             self.generalized = step
 
 
-def ours_steps_per_s(steps: int, tmp: str, warmup: int = 100) -> float:
-    """Our `seed` run as a user gets it: tracked into a local SQLite store, evaluation every 50 steps."""
+def ours_steps_per_s(steps: int, tmp: str, warmup: int = 100) -> tuple[float, float]:
+    """Our `seed` run as a user gets it: tracked into a local SQLite store, evaluation every 50 steps.
+    Returns steps per wall second and per CPU second of the process."""
     from grokking_tracked.tracking import run_experiment
 
     config = preset("seed", max_steps=warmup + steps, eval_every=50, stop_on_grok=False)
     clock = EvalClock()
     run_experiment(config, tracking_uri=f"sqlite:///{tmp}/mlflow.db", progress=False, callbacks=[clock])
-    return steps / (clock.at[warmup + steps] - clock.at[warmup])
+    return (steps / (clock.at[warmup + steps] - clock.at[warmup]),
+            steps / (clock.cpu_at[warmup + steps] - clock.cpu_at[warmup]))
 
 
 def section_seed(args) -> None:
@@ -68,6 +72,7 @@ def section_seed(args) -> None:
     own venv, torch's default threads), alternated round by round so that the machine's load hits both."""
     variants = {"ours": "1", "ours (autograd)": "0"} if args.with_autograd else {"ours": "1"}
     rates: dict[str, list[float]] = {name: [] for name in [*variants, "earlier"]}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in rates}  # steps per CPU second
     earlier_loop = EarlierLoop(args.earlier_venv, args.earlier_start_epoch, args.earlier_threads)
     with tempfile.TemporaryDirectory() as tmp, earlier_loop as earlier:
         info = earlier.info
@@ -84,10 +89,14 @@ def section_seed(args) -> None:
                 order = [*variants, "earlier"]
                 for name in order[r % len(order):] + order[:r % len(order)]:  # rotate: nobody always goes first
                     if name == "earlier":
-                        rates[name].append(args.earlier_steps / earlier.run(args.earlier_steps))
+                        wall, cpu = earlier.run(args.earlier_steps)
+                        rates[name].append(args.earlier_steps / wall)
+                        cpu_rates[name].append(args.earlier_steps / cpu)
                     else:
                         os.environ["GROKKING_FASTPATH"] = variants[name]
-                        rates[name].append(ours_steps_per_s(args.steps, tmp))
+                        wall_rate, cpu_rate = ours_steps_per_s(args.steps, tmp)
+                        rates[name].append(wall_rate)
+                        cpu_rates[name].append(cpu_rate)
                 print(f"  round {r + 1}: " + "   ".join(f"{k} {v[-1]:6.2f} steps/s" for k, v in rates.items())
                       + f"   ratio {rates['ours'][-1] / rates['earlier'][-1]:5.2f}x", flush=True)
         finally:
@@ -101,6 +110,10 @@ def section_seed(args) -> None:
           f"{info['threads']} threads, whole test set every step, {args.earlier_steps} steps/round); "
           f"ratio of the medians {medians['ours'] / medians['earlier']:.2f}x, median of the per-round ratios "
           f"{per_round:.2f}x")
+    print("seed preset, steps per CPU second of each process (less load-sensitive than wall time for our 1-thread "
+          "process, though shared caches and cores still slow it; the "
+          "earlier loop's 2 threads spin-wait, so its CPU time overstates its work): "
+          + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in cpu_rates.items()))
     if "ours (autograd)" in medians:
         print(f"seed preset, our trainer with autograd instead of the hand-written step: "
               f"{medians['ours (autograd)']:.2f} steps/s ({medians['ours'] / medians['ours (autograd)']:.2f}x slower "
