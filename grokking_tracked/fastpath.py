@@ -1,13 +1,13 @@
 """A hand-written forward and backward of the training loss for the 1-layer, LayerNorm-free model.
 
-Why by hand (profiled on the `seed` preset, 1 CPU thread): autograd replays ~100 ops per step, several of
-them broadcast products of N·n·h·e numbers for the 3-position attention and scatters into non-contiguous
-views; matmuls were ~40 % of the step. Written out, the step has 15 matmuls (~60 % of its time) and a few
-passes over memory, and runs ~1.7x as many steps per second (``benchmarks/speed.py``). The arithmetic is
-that of ``GrokkingTransformer.forward(tokens, last_only=True)`` then ``cross_entropy_high_precision(...)
-.backward()``; ``loss_and_grads`` writes every parameter's ``.grad``, so the fused AdamW step, Grokfast and
-the gradient norm are unchanged. ``tests/test_fastpath.py`` checks logits, loss and every gradient
-against autograd.
+Why by hand (torch.profiler, `seed` preset, 1 thread: ``python benchmarks/speed.py --only profile``): with
+autograd, matmuls took ~40 % of a step; the rest went to the 3-position attention's broadcast products and
+their backward (N·n·h·e-sized mul and sum, ~17 %), the embedding and index backward, copies, concatenations
+and fills. Written out, the same 15 matmuls take ~60 % of a step and a step costs ~0.6x the CPU time.
+The arithmetic is that of ``GrokkingTransformer.forward(tokens, last_only=True)`` then
+``cross_entropy_high_precision(...).backward()``; ``loss_and_grads`` writes every parameter's ``.grad``, so
+the fused AdamW step, Grokfast and the gradient norm are unchanged. ``tests/test_fastpath.py`` checks logits,
+loss and every gradient against autograd.
 
 Scope: one layer without LayerNorm (every preset). ``supports(model)`` says when it applies; ``Trainer``
 falls back to autograd otherwise. Hooks do not run on this path: they serve analysis, which uses the
