@@ -138,16 +138,16 @@ def section_profile(args) -> None:
         trainer = Trainer(preset("seed", eval_every=10 ** 6), progress=False)
         for _ in range(5):
             trainer.train_step()
-        cpu = time.thread_time()  # CPU time of this thread (1 torch thread): less sensitive to load than wall time
+        started = time.perf_counter()  # wall time: the profiler's op times are wall time too
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.profile_steps):
                 trainer.train_step()
-        total = (time.thread_time() - cpu) / args.profile_steps * 1e3
+        total = (time.perf_counter() - started) / args.profile_steps * 1e3
         events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
         per_group = {g: sum(e.self_cpu_time_total for e in events if e.key in keys) / args.profile_steps / 1e3
                      for g, keys in groups.items()}
         per_group["other ops, Python, profiler"] = total - sum(per_group.values())
-        print(f"profile, seed step, {name}: {total:.1f} ms CPU/step (profiled); "
+        print(f"profile, seed step, {name}: {total:.1f} ms/step (profiled, wall); "
               + ", ".join(f"{g} {ms:.1f} ms ({100 * ms / total:.0f}%)" for g, ms in per_group.items()))
         top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
         print("    top ops: " + ", ".join(f"{e.key[6:]} {e.self_cpu_time_total / args.profile_steps / 1e3:.1f} ms"
