@@ -221,7 +221,7 @@ class Trainer:
         n = self.active_train_examples(self.step)
         tokens, labels = self._train_tokens[:n], self._train_labels[:n]
         if fastpath.enabled() and fastpath.supports(self.model):
-            loss = fastpath.loss_and_grads(self.model, tokens, labels)  # same gradients, ~1.7x faster on a CPU
+            loss = fastpath.loss_and_grads(self.model, tokens, labels)  # same gradients, ~0.6x the CPU time
         else:
             loss = cross_entropy_high_precision(self.model(tokens, last_only=True), labels)
             self.optimizer.zero_grad(set_to_none=True)
