@@ -5,8 +5,13 @@
     python benchmarks/speed.py --only default,tracking --threads 1
 
 Sections:
-  seed      steps/s of our Trainer and of the earlier loop (benchmarks/earlier_loop.py) on the `seed`
-            preset, alternated for --rounds rounds; medians and their ratio.
+  seed      steps/s on the `seed` preset of our tracked run (run_experiment into a local SQLite store,
+            evaluation every 50 steps) and of the earlier project's own loop on TransformerLens 3.9
+            (benchmarks/earlier_loop.py: its venv is created on first use, a few minutes), alternated for
+            --rounds rounds; medians and their ratio. --with-autograd adds our trainer without the
+            hand-written step (grokking_tracked/fastpath.py).
+  profile   torch.profiler over `seed` training steps, autograd vs the hand-written step: ms/step by op
+            group (matmul, float64 softmax, gather/scatter, optimizer, the rest) and the top ops.
   default   seconds from the first training step to the generalization event, `default` preset.
   tracking  the same `default` run without MLflow, with a local SQLite store, and with a real
             `mlflow server` on a loopback port: wall seconds per training step, eval_every 10.
@@ -25,11 +30,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import torch
 
 from _machine import describe
-from earlier_loop import EarlierLoop
+from earlier_loop import DEFAULT_VENV, EarlierLoop
 from grokking_tracked.config import preset
 from grokking_tracked.train import Callback, Trainer
 
@@ -39,38 +45,114 @@ class EvalClock(Callback):
 
     def __init__(self):
         self.at: dict[int, float] = {}
+        self.cpu_at: dict[int, float] = {}  # CPU time of the whole process (MLflow's threads included)
         self.generalized: int | None = None
 
     def on_eval(self, trainer, step, metrics, events):
         self.at[step] = time.perf_counter()
+        self.cpu_at[step] = time.process_time()
         if any(e["event"] == "generalization" for e in events):
             self.generalized = step
 
 
-def ours_steps_per_s(steps: int, warmup: int = 100) -> float:
-    config = preset("seed", max_steps=warmup + steps, stop_on_grok=False, checkpoint_every=0)
+def ours_steps_per_s(steps: int, tmp: str, warmup: int = 100) -> tuple[float, float]:
+    """Our `seed` run as a user gets it: tracked into a local SQLite store, evaluation every 50 steps.
+    Returns steps per wall second and per CPU second of the process."""
+    from grokking_tracked.tracking import run_experiment
+
+    config = preset("seed", max_steps=warmup + steps, eval_every=50, stop_on_grok=False)
     clock = EvalClock()
-    Trainer(config, [clock], progress=False).train()
-    return steps / (clock.at[warmup + steps] - clock.at[warmup])
-
-
-def earlier_steps_per_s(steps: int) -> float:
-    loop = EarlierLoop()
-    loop.run(3)  # warm-up
-    return steps / loop.run(steps)
+    run_experiment(config, tracking_uri=f"sqlite:///{tmp}/mlflow.db", progress=False, callbacks=[clock])
+    return (steps / (clock.at[warmup + steps] - clock.at[warmup]),
+            steps / (clock.cpu_at[warmup + steps] - clock.cpu_at[warmup]))
 
 
 def section_seed(args) -> None:
-    ours, earlier = [], []
-    for r in range(args.rounds):
-        ours.append(ours_steps_per_s(args.steps))
-        earlier.append(earlier_steps_per_s(args.earlier_steps))
-        print(f"  round {r + 1}: ours {ours[-1]:6.2f} steps/s   earlier loop {earlier[-1]:5.2f} steps/s   "
-              f"ratio {ours[-1] / earlier[-1]:5.2f}x", flush=True)
-    o, e = statistics.median(ours), statistics.median(earlier)
-    print(f"seed preset (p=113, d_model 64, full batch): ours {o:.2f} steps/s ({args.steps} steps/round, "
-          f"eval every 100), earlier loop {e:.2f} steps/s ({args.earlier_steps} steps/round, eval every step); "
-          f"median ratio {o / e:.2f}x")
+    """Ours (tracked, eval every 50) and the earlier project's loop (TransformerLens 3.9, a worker process of its
+    own venv, torch's default threads), alternated round by round so that the machine's load hits both."""
+    variants = {"ours": "1", "ours (autograd)": "0"} if args.with_autograd else {"ours": "1"}
+    rates: dict[str, list[float]] = {name: [] for name in [*variants, "earlier"]}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in rates}  # steps per CPU second
+    earlier_loop = EarlierLoop(args.earlier_venv, args.earlier_start_epoch, args.earlier_threads)
+    with tempfile.TemporaryDirectory() as tmp, earlier_loop as earlier:
+        info = earlier.info
+        print(f"  earlier loop: TransformerLens {info['transformer_lens']}, torch {info['torch']}, "
+              f"{info['threads']} torch threads, epochs from {args.earlier_start_epoch}", flush=True)
+        cwd = os.getcwd()
+        os.chdir(tmp)  # the SQLite store puts artifacts under ./mlruns: keep them in the temp dir
+        try:
+            earlier.run(5)  # warm-up (and its early-grokking window starts filling)
+            for name, flag in variants.items():
+                os.environ["GROKKING_FASTPATH"] = flag
+                ours_steps_per_s(20, tmp, warmup=50)  # warm-up: MLflow tables, allocator
+            for r in range(args.rounds):
+                order = [*variants, "earlier"]
+                for name in order[r % len(order):] + order[:r % len(order)]:  # rotate: nobody always goes first
+                    if name == "earlier":
+                        wall, cpu = earlier.run(args.earlier_steps)
+                        rates[name].append(args.earlier_steps / wall)
+                        cpu_rates[name].append(args.earlier_steps / cpu)
+                    else:
+                        os.environ["GROKKING_FASTPATH"] = variants[name]
+                        wall_rate, cpu_rate = ours_steps_per_s(args.steps, tmp)
+                        rates[name].append(wall_rate)
+                        cpu_rates[name].append(cpu_rate)
+                print(f"  round {r + 1}: " + "   ".join(f"{k} {v[-1]:6.2f} steps/s" for k, v in rates.items())
+                      + f"   ratio {rates['ours'][-1] / rates['earlier'][-1]:5.2f}x", flush=True)
+        finally:
+            os.environ.pop("GROKKING_FASTPATH", None)
+            os.chdir(cwd)
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    per_round = statistics.median(o / e for o, e in zip(rates["ours"], rates["earlier"]))
+    print(f"seed preset (p=113, d_model 64, d_mlp 256, 4 heads, full batch 3,830): ours {medians['ours']:.2f} steps/s "
+          f"(tracked, local SQLite store, eval every 50, {args.steps} steps/round, 1 torch thread); earlier loop "
+          f"{medians['earlier']:.2f} steps/s (TransformerLens {info['transformer_lens']} HookedTransformer, "
+          f"{info['threads']} threads, whole test set every step, {args.earlier_steps} steps/round); "
+          f"ratio of the medians {medians['ours'] / medians['earlier']:.2f}x, median of the per-round ratios "
+          f"{per_round:.2f}x")
+    print("seed preset, steps per CPU second of each process (less load-sensitive than wall time for our 1-thread "
+          "process, though shared caches and cores still slow it; the "
+          "earlier loop's 2 threads spin-wait, so its CPU time overstates its work): "
+          + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in cpu_rates.items()))
+    if "ours (autograd)" in medians:
+        print(f"seed preset, our trainer with autograd instead of the hand-written step: "
+              f"{medians['ours (autograd)']:.2f} steps/s ({medians['ours'] / medians['ours (autograd)']:.2f}x slower "
+              f"than with it, {medians['ours (autograd)'] / medians['earlier']:.2f}x the earlier loop)")
+
+
+def section_profile(args) -> None:
+    """Where a `seed` training step spends its time (torch.profiler, self CPU time per op), with the
+    hand-written step and with autograd, on 1 thread (as the trainer runs). Profiled steps run slower than
+    unprofiled ones: compare shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+              "float64 softmax / log-softmax": ("aten::_softmax", "aten::_log_softmax",
+                                                "aten::_log_softmax_backward_data", "aten::_softmax_backward_data"),
+              "gather / scatter": ("aten::index_select", "aten::index", "aten::scatter_add_", "aten::index_add_",
+                                   "aten::_index_put_impl_", "aten::embedding_dense_backward", "aten::gather",
+                                   "aten::scatter_"),
+              "optimizer": ("aten::_fused_adamw_",)}
+    for flag, name in (("0", "autograd"), ("1", "hand-written step")):
+        os.environ["GROKKING_FASTPATH"] = flag
+        trainer = Trainer(preset("seed", eval_every=10 ** 6), progress=False)
+        for _ in range(5):
+            trainer.train_step()
+        started = time.perf_counter()  # wall time: the profiler's op times are wall time too
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_steps):
+                trainer.train_step()
+        total = (time.perf_counter() - started) / args.profile_steps * 1e3
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        per_group = {g: sum(e.self_cpu_time_total for e in events if e.key in keys) / args.profile_steps / 1e3
+                     for g, keys in groups.items()}
+        per_group["other ops, Python, profiler"] = total - sum(per_group.values())
+        print(f"profile, seed step, {name}: {total:.1f} ms/step (profiled, wall); "
+              + ", ".join(f"{g} {ms:.1f} ms ({100 * ms / total:.0f}%)" for g, ms in per_group.items()))
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+        print("    top ops: " + ", ".join(f"{e.key[6:]} {e.self_cpu_time_total / args.profile_steps / 1e3:.1f} ms"
+                                         for e in top))
+    os.environ.pop("GROKKING_FASTPATH", None)
 
 
 def section_default(args) -> None:
@@ -200,14 +282,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--earlier-steps", type=int, default=60)
+    parser.add_argument("--earlier-venv", type=Path, default=DEFAULT_VENV,
+                        help="venv for TransformerLens 3.9 (created on first use)")
+    parser.add_argument("--earlier-start-epoch", type=int, default=5001,
+                        help="the earlier loop's epoch counter at the start (its curriculum admits every example "
+                             "from epoch 5,000 on)")
+    parser.add_argument("--earlier-threads", type=int, default=0,
+                        help="torch threads of the earlier loop (0: torch's default, as the earlier project ran)")
+    parser.add_argument("--with-autograd", action="store_true",
+                        help="seed: also time our trainer with GROKKING_FASTPATH=0 (autograd) in the same rounds")
     parser.add_argument("--default-runs", type=int, default=1)
+    parser.add_argument("--profile-steps", type=int, default=30)
     parser.add_argument("--tracking-rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print("machine:", describe())
-    sections = {"seed": section_seed, "default": section_default, "tracking": section_tracking}
+    sections = {"seed": section_seed, "profile": section_profile, "default": section_default,
+                "tracking": section_tracking}
     for name in args.only.split(","):
         sections[name](args)
     print("machine at the end:", describe())

@@ -14,7 +14,11 @@ TRIALS = [dict(lr=1e-2, weight_decay=1.0, train_frac=0.3, seed=1, data_seed=11),
           dict(lr=1e-3, weight_decay=0.0, train_frac=0.7, seed=3, data_seed=13)]
 
 
-def test_lockstep_equals_one_by_one():
+def test_lockstep_equals_one_by_one(monkeypatch):
+    # Lockstep differentiates the model with autograd, so the one-by-one runs do too: at lr 1e-2 the first trial
+    # is chaotic (weights scaled by 1 + 2**-23 end 50 steps outside this tolerance), so only the same arithmetic
+    # can be compared. tests/test_fastpath.py shows the Trainer's hand-written step equals autograd's.
+    monkeypatch.setenv("GROKKING_FASTPATH", "0")
     configs = [preset("default", **SMALL, **t) for t in TRIALS]
     lockstep = LockstepTrainer(configs, progress=False)
     results = lockstep.train()
