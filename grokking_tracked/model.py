@@ -193,10 +193,3 @@ class GrokkingTransformer(HookedRootModule):
             resid = block(resid, last_only=last_only and i == last, table=table if i == 0 else None)
         logits = self.unembed(self.ln_final(resid))
         return logits[:, -1] if last_only else logits
-
-
-def cross_entropy_high_precision(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy with log-softmax in float64: at train losses near 1e-7, float32 rounding
-    distorts the gradient (as TransformerLens's grokking demo notes)."""
-    log_probs = logits.to(torch.float64).log_softmax(dim=-1)
-    return -log_probs.gather(-1, labels[:, None]).mean()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import Config, ConfigError
 from .data import ModularData, curriculum_order, make_dataset
 from .detect import GrokDetector
+from . import fastpath
 from .metrics import EVAL_METRICS, cross_entropy_high_precision, split_metrics, weight_and_grad_norms
 from .model import GrokkingTransformer
 from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
@@ -268,8 +269,6 @@ class Trainer:
         return self._eager_step()
 
     def _eager_step(self) -> torch.Tensor:
-        from . import fastpath  # (kept local while train.py is being refactored; belongs with the imports)
-
         n = self.active_train_examples(self.step)
         tokens, labels = self._train_tokens[:n], self._train_labels[:n]
         if fastpath.enabled() and fastpath.supports(self.model):
@@ -292,7 +291,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the whole train and test sets, weight and last-gradient norms: one host sync."""
-        logits = self.model(self._eval_tokens, last_only=True)
+        if fastpath.enabled() and fastpath.supports(self.model):  # the same logits, no autograd bookkeeping
+            logits = fastpath.last_logits(self.model, self._eval_tokens)
+        else:
+            logits = self.model(self._eval_tokens, last_only=True)
         values = torch.cat([split_metrics(logits, self._eval_labels, self._eval_train_mask),
                             weight_and_grad_norms(list(self.model.parameters()))]).tolist()
         metrics = dict(zip(EVAL_METRICS, values))

@@ -7,7 +7,8 @@ import torch
 from grokking_tracked import fastpath
 from grokking_tracked.config import preset
 from grokking_tracked.data import make_dataset
-from grokking_tracked.model import GrokkingTransformer, cross_entropy_high_precision
+from grokking_tracked.metrics import cross_entropy_high_precision
+from grokking_tracked.model import GrokkingTransformer
 from grokking_tracked.train import Trainer
 
 SMALL = dict(p=23, d_model=32, d_mlp=64, n_heads=4)

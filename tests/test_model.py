@@ -6,7 +6,8 @@ import torch
 
 from grokking_tracked.config import preset
 from grokking_tracked.data import make_dataset
-from grokking_tracked.model import GrokkingTransformer, cross_entropy_high_precision
+from grokking_tracked.metrics import cross_entropy_high_precision
+from grokking_tracked.model import GrokkingTransformer
 
 
 

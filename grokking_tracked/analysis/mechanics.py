@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from ..model import cross_entropy_high_precision
+from ..metrics import cross_entropy_high_precision
 
 NEAR_ZERO = 1e-6  # |x| below this counts as zero for sparsity (ReLU outputs are exactly 0)
 
