@@ -259,6 +259,8 @@ def study(spec: str, n_trials: int | None, timeout: float | None, storage: str |
     click.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
     if "best_value" in summary:
         click.echo(f"best trial {summary['best_trial']}: value {summary['best_value']:g}, params {summary['best_params']}")
+    if summary.get("runs_url"):
+        click.echo(f"runs: {summary['runs_url']}")
 
 
 def _on_sigterm(signum, frame):

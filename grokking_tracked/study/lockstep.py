@@ -96,7 +96,7 @@ def optimize_lockstep(study: optuna.Study, context: StudyContext, k: int, n_tria
         if deadline is not None and time.monotonic() >= deadline:
             return
         configs, members = _open_batch(study, context, min(k, n_trials - finished))
-        callbacks = [[m.trial_run.run.tracker(), m.pruning, m] for m in members]
+        callbacks = [[m.trial_run.run.tracker(drawer=context.drawer), m.pruning, m] for m in members]
         with contextlib.ExitStack() as beats:  # a killed worker's trials go stale and are retried
             for member in members:
                 beats.enter_context(heartbeat(study, member.trial))

@@ -21,6 +21,7 @@ from ..config import Config
 from ..train import Callback, Trainer, TrainingStopped, TrainResult
 from ..tracking.runs import FAILED, FINISHED, KILLED, ROLE_TAG, TrackedRun, status_for
 from ..tracking.store import get_run
+from ..tracking.tracker import FigureDrawer
 from .spec import StudySpec
 from .storage import retried_trial_number
 
@@ -57,6 +58,7 @@ class StudyContext:
     client: MlflowClient
     progress: bool = True
     threads: int | None = None
+    drawer: FigureDrawer | None = None  # the worker's figure process
 
 
 class TrialRun:
@@ -81,15 +83,18 @@ class TrialRun:
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
         return cls(run, trial.number)
 
-    def _end(self, state: str, status: str, **tags: str) -> None:
+    def _end(self, state: str, status: str, background: bool = False, **tags: str) -> None:
         if self.state != RUNNING:
             return
         self.state = state
         self.run.set_tags({TRIAL_STATE_TAG: state, **tags})
-        self.run.end(status)
+        self.run.end(status, background=background)
 
     def complete(self, value, result: TrainResult) -> None:
-        self._end(COMPLETE, FINISHED, **{VALUE_TAG: str(value), GENERALIZED_TAG: str(result.grokked).lower()})
+        """COMPLETE once the run's data is delivered; its figures (drawn elsewhere) and FINISHED follow in the
+        background, so the worker's next trial trains meanwhile."""
+        self._end(COMPLETE, FINISHED, background=True,
+                  **{VALUE_TAG: str(value), GENERALIZED_TAG: str(result.grokked).lower()})
 
     def prune(self, step: int | None) -> None:
         self._end(PRUNED, KILLED, **{PRUNED_STEP_TAG: str(step)})
@@ -196,7 +201,7 @@ class Objective:
         config = trial_config(context.spec, trial)
         pruning = PruningCallback(trial, context.spec)
         with TrialRun.open(context, trial, config) as trial_run:
-            trainer = Trainer(config, [trial_run.run.tracker(), pruning], progress=context.progress,
+            trainer = Trainer(config, [trial_run.run.tracker(drawer=context.drawer), pruning], progress=context.progress,
                               threads=context.threads)
             try:
                 result = trainer.train()

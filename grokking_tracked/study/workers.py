@@ -19,8 +19,10 @@ import optuna
 from optuna.trial import TrialState
 
 from ..tracking.runs import ROLE_TAG, TrackedRun
+from ..tracking.tracker import FigureDrawer
 from ..train import check_runnable
-from ..tracking.store import connect, quote_filter_value, resolve_tracking_uri
+from ..tracking.experiment import LOCAL_UI
+from ..tracking.store import connect, is_remote, quote_filter_value, resolve_tracking_uri, runs_view_url
 from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec
@@ -32,6 +34,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's paren
 STUDY_ROLE = "study"
 SPEC_ARTIFACT = "study_spec.toml"
 MAX_CONSECUTIVE_FAILURES = 3
+BACKGROUND_WAIT_SECONDS = 300.0  # bounded: a worker stopping on Ctrl-C must not hang on a server that is away
 
 
 @dataclass
@@ -91,14 +94,18 @@ def optimize(settings: StudySettings, client=None, echo=print) -> None:
     if count_finished(study) >= settings.n_trials:
         return
     context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
-                           progress=settings.progress, threads=settings.threads)
-    if settings.lockstep > 1:
-        optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
-        return
+                           progress=settings.progress, threads=settings.threads, drawer=FigureDrawer())
     guard = FailureGuard()
-    study.optimize(Objective(context), timeout=settings.timeout, catch=(Exception,),
-                   callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED_STATES), guard,
-                              TrialLine(echo)])
+    try:
+        if settings.lockstep > 1:
+            optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
+            return
+        study.optimize(Objective(context), timeout=settings.timeout, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED_STATES), guard,
+                                  TrialLine(echo)])
+    finally:  # the last trials' figures and final status, still on their way
+        TrackedRun.wait_for_background(timeout=BACKGROUND_WAIT_SECONDS)
+        context.drawer.close()
     if guard.tripped:
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         reason = failed[-1].user_attrs.get("fail_reason") or failed[-1].system_attrs.get("fail_reason", "") \
@@ -206,6 +213,7 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
             else:
                 run_workers(settings, n_workers, visible, echo)
         summary = finalize(study, spec, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
+    summary["runs_url"] = runs_view_url(client, parent.experiment_id, None if is_remote(tracking_uri) else LOCAL_UI)
     return summary
 
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,13 @@ def delivery_wait() -> float:
 
 def _stderr_line(line: str) -> None:
     print(f"grokking-tracked: {line}", file=sys.stderr, flush=True)
+
+
+_BACKGROUND: list[threading.Thread] = []  # runs finishing in the background (TrackedRun.end(background=True))
+
+
+def short_error(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def status_for(error: BaseException | None) -> str:
@@ -132,6 +140,7 @@ class TrackedRun:
         if self.lease is not None:
             self.lease.start()
         self.status: str | None = None
+        self._later: list[tuple[Future, str]] = []
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -229,20 +238,55 @@ class TrackedRun:
         """Where to write a file (a checkpoint, a figure) that ``log_file(..., move=True)`` will send."""
         return self.outbox.staging_path(name)
 
+    def log_files_later(self, files: Future, artifact_path: str) -> None:
+        """Files still being made elsewhere (figures drawn by a figure process): ``files`` resolves to their paths,
+        which the run sends (moved in) before its final status."""
+        self._later.append((files, artifact_path))
+
     # ------------------------------------------------------------------ ending
-    def end(self, status: str) -> None:
+    def end(self, status: str, background: bool = False) -> None:
         """Release the lease, queue the final status after everything else, and wait (a bounded time, with a
         progress line) until the server has it all; once only.
 
         If the server stays away, the data stays in the spool and ``TrackingUndelivered`` names it and the
         command that delivers it later -- unless the block already ended by an error, which is not hidden:
-        the notice is printed instead. Ctrl-C while waiting stops waiting at once and marks the run KILLED."""
+        the notice is printed instead. Ctrl-C while waiting stops waiting at once and marks the run KILLED.
+
+        ``background`` (a study trial): return once everything sent so far is delivered, and let a thread wait for
+        the files still being made, send them and the status (``wait_for_background`` joins those threads)."""
         if self.status is not None:
             return
         self.status = status
         if self.lease is not None:
             self.lease.stop(release=True)
+        if background and self._later and status == FINISHED:
+            if self._deliver(status, final=False):
+                thread = threading.Thread(target=self._finish_quietly, args=(status,), daemon=True,
+                                          name=f"finish-{self.run_id[:8]}")
+                _BACKGROUND.append(thread)
+                thread.start()
+                return
+        self._finish(status)
+
+    def _finish(self, status: str) -> None:
+        for files, artifact_path in self._later:
+            try:
+                for path in files.result():
+                    self.log_file(path, artifact_path, move=True)
+            except Exception as error:  # noqa: BLE001 - a figure is a view of the data, not the data
+                self.echo(f"could not make {artifact_path}/ of run {self.run_id}: {short_error(error)}")
+        self._later.clear()
         self.outbox.set_status(status)
+        self._deliver(status, final=True)
+
+    def _finish_quietly(self, status: str) -> None:
+        try:
+            self._finish(status)
+        except Exception as error:  # noqa: BLE001 - nobody to raise to in a background thread: say it
+            self.echo(str(error))
+
+    def _deliver(self, status: str, final: bool) -> bool:
+        """Wait for what is queued; ``final``: the outbox is closed afterwards. True if all was delivered."""
         last_line = [0.0]
 
         def progress(pending: int, waited: float) -> None:
@@ -261,11 +305,13 @@ class TrackedRun:
             self.echo(f"interrupted while delivering run {self.run_id}; what is left is in "
                       f"{self.outbox.spool_dir} (`grokking-tracked sync` delivers it)")
             raise
+        if not final:  # the caller queues the rest and waits again
+            return delivered
         pending, failures = self.outbox.pending, self.outbox.failures
         spool = self.outbox.spool_dir
         self.outbox.close()
         if delivered:
-            return
+            return True
         if pending:
             message = (f"the tracking server did not take run {self.run_id}'s last {pending} operations within "
                        f"{budget:.0f} s; they are safe in {spool}: run `grokking-tracked sync` "
@@ -276,6 +322,15 @@ class TrackedRun:
             raise TrackingUndelivered(message)
         self._terminate_promptly(status)
         self.echo(message)
+        return False
+
+    @staticmethod
+    def wait_for_background(timeout: float | None = None) -> None:
+        """Join the threads finishing runs in the background (a study worker calls this before it exits)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while _BACKGROUND:
+            thread = _BACKGROUND.pop(0)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _terminate_promptly(self, status: str, seconds: float = 5.0) -> None:
         """Set a terminal status directly, giving up after ``seconds`` (the server may be why we stop)."""
