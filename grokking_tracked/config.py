@@ -16,6 +16,7 @@ OPERATIONS = ("add", "sub", "mul", "div")
 LR_SCHEDULES = ("constant", "warmup", "cyclic", "plateau")
 WD_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+STOP_EVENTS = ("generalization", "cleanup_end")
 
 
 class UserError(Exception):
@@ -74,7 +75,10 @@ class Config:
     generalization_threshold: float = 0.99
     onset_loss_drop: float = 0.5  # onset: test loss fell to this fraction of its post-memorisation peak
     stop_on_grok: bool = True
-    stop_margin: int = 200  # steps trained after generalisation before stopping
+    stop_margin: int = 200  # steps trained after the stop event before stopping
+    stop_after: str = "generalization"  # the event that stops training: generalization | cleanup_end
+    # --- live progress measures (Nanda et al. 2023), measures.py ---
+    progress_every: int = 0  # steps between readings, a multiple of eval_every; 0: off
     # --- runtime ---
     device: str = "auto"
 
@@ -123,6 +127,13 @@ class Config:
         need(0 < self.memorization_threshold <= 1 and 0 < self.generalization_threshold <= 1,
              "detection thresholds must lie in (0, 1]")
         need(0 < self.onset_loss_drop < 1, "onset_loss_drop must lie strictly between 0 and 1")
+        need(self.progress_every >= 0 and self.progress_every % self.eval_every == 0,
+             f"progress_every must be 0 (off) or a multiple of eval_every ({self.eval_every}), "
+             f"got {self.progress_every!r}")
+        need(self.stop_after in STOP_EVENTS,
+             f"unknown stop_after {self.stop_after!r}; choose one of {', '.join(STOP_EVENTS)}")
+        need(self.stop_after != "cleanup_end" or self.progress_every > 0,
+             "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
         need(self.device in DEVICES or self.device.startswith("cuda:"),
              f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")
         return self
@@ -182,9 +193,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(p=113, d_model=64, d_mlp=256, n_heads=4, train_frac=0.3, lr=1e-3, weight_decay=1.0,
                  beta1=0.9, beta2=0.98, max_steps=25000, eval_every=100, checkpoint_every=2500),
     # Nanda et al. 2023, "Progress measures for grokking via mechanistic interpretability".
+    # Trained until the end of clean-up (detect.py's cleanup_end), at most the paper's 40,000 full-batch steps.
     "nanda2023": dict(p=113, d_model=128, d_mlp=512, n_heads=4, train_frac=0.3, lr=1e-3, weight_decay=1.0,
-                      beta1=0.9, beta2=0.98, max_steps=25000, eval_every=100, checkpoint_every=2500,
-                      lr_schedule="warmup", warmup_steps=10),
+                      beta1=0.9, beta2=0.98, max_steps=40000, eval_every=100, checkpoint_every=500,
+                      lr_schedule="warmup", warmup_steps=10, progress_every=500, stop_after="cleanup_end"),
 }
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import ModularData, curriculum_order, make_dataset
 from .detect import GrokDetector
+from .measures import ProgressMeasures
 from .model import GrokkingTransformer, cross_entropy_high_precision
 
 CHECKPOINT_FORMAT = 1
@@ -144,6 +145,8 @@ class Trainer:
         self.grokfast = GrokfastEMA(config.grokfast_alpha, config.grokfast_lambda) if config.grokfast_lambda else None
         self.history: list[tuple[int, dict[str, float]]] = []
         self.step = 0
+        self.progress_measures = (ProgressMeasures(config.p, config.operation, self.data.train_tokens, self.device)
+                                  if config.progress_every else None)
         if config.curriculum:
             order = curriculum_order(self.data.train_tokens.cpu()).to(self.device)
             self._train_tokens, self._train_labels = self.data.train_tokens[order], self.data.train_labels[order]
@@ -290,6 +293,8 @@ class Trainer:
 
     def _evaluate_and_emit(self) -> list[dict]:
         metrics = self.evaluate()
+        if self.progress_measures is not None and self.step % self.config.progress_every == 0:
+            metrics.update(self.progress_measures(self.model))
         self.history.append((self.step, metrics))
         events = self.detector.update(self.step, metrics)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -304,9 +309,9 @@ class Trainer:
                    dynamic_ncols=True, desc="training")
         started = time.perf_counter()
         stop_at = config.max_steps
-        generalized = self.detector.step_of("generalization")
-        if config.stop_on_grok and generalized is not None:
-            stop_at = min(stop_at, generalized + config.stop_margin)
+        stop_event = self.detector.step_of(config.stop_after)
+        if config.stop_on_grok and stop_event is not None:
+            stop_at = min(stop_at, stop_event + config.stop_margin)
         if self.step == 0:
             self._evaluate_and_emit()
             self._emit("on_checkpoint", 0, ["initial"])  # analysis measures weight evolution from the start
@@ -321,7 +326,7 @@ class Trainer:
                     metrics = self.history[-1][1]
                     bar.set_postfix(train_acc=f"{metrics['train_acc']:.3f}", test_acc=f"{metrics['test_acc']:.3f}",
                                     refresh=False)
-                    if config.stop_on_grok and any(e["event"] == "generalization" for e in events):
+                    if config.stop_on_grok and any(e["event"] == config.stop_after for e in events):
                         stop_at = min(stop_at, self.step + config.stop_margin)
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     reasons.append("periodic")
