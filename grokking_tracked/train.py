@@ -293,7 +293,7 @@ class Trainer:
 
     def _evaluate_and_emit(self) -> list[dict]:
         metrics = self.evaluate()
-        if self.progress_measures is not None and self.step % self.config.progress_every == 0:
+        if self.progress_measures is not None and self.step % self.config.progress_every < self.config.eval_every:
             metrics.update(self.progress_measures(self.model))
         self.history.append((self.step, metrics))
         events = self.detector.update(self.step, metrics)
