@@ -194,7 +194,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Trained until the end of clean-up (detect.py's cleanup_end), at most the paper's 40,000 full-batch steps.
     "nanda2023": dict(p=113, d_model=128, d_mlp=512, n_heads=4, train_frac=0.3, lr=1e-3, weight_decay=1.0,
                       beta1=0.9, beta2=0.98, max_steps=40000, eval_every=100, checkpoint_every=500,
-                      lr_schedule="warmup", warmup_steps=10, progress_every=500, stop_after="cleanup_end"),
+                      lr_schedule="warmup", warmup_steps=10, progress_every=100, stop_after="cleanup_end"),
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..figures import EVENT_STYLE, SPLIT_COLORS, colors, mark_events, new_figure, save_figure, styled
+from .fourier import FLOOR_RATIO
 
 LINE_STYLES = ("-", "--", ":")
 PROGRESS_PANELS = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm")
@@ -118,7 +119,8 @@ def spectrum_figure(records, final, keys) -> Figure:
         ax.bar(freqs, norms, color=["#D55E00" if f in own_keys else "#0072B2" for f in freqs])
         floor = float(torch.tensor(norms).median())
         ax.axhline(floor, color="#444444", linestyle="--", linewidth=1, label=f"floor (median) {floor:.2g}")
-        ax.axhline(2 * floor, color="#444444", linestyle=":", linewidth=1, label="2 x floor")
+        ax.axhline(FLOOR_RATIO * floor, color="#444444", linestyle=":", linewidth=1,
+                   label=f"{FLOOR_RATIO:g} x floor: keys stand above it")
         ax.set(xlabel="frequency k", ylabel="norm", title=f"Last checkpoint, {title}: keys (orange) {own_keys or 'none'}")
         ax.legend(loc="upper right")
     return fig
@@ -160,40 +162,79 @@ def attention_change_figure(records) -> Figure:
     return fig
 
 
+def component(name: str) -> str:
+    """The part of the model a hook or parameter belongs to: one column of the small multiples."""
+    if ".attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "MLP"
+    if name.startswith(("embed", "pos_embed", "hook_embed", "hook_pos_embed")):
+        return "embedding"
+    if name.startswith("unembed"):
+        return "unembedding"
+    return "residual stream"
+
+
+def _short(name: str) -> str:
+    return name.replace("blocks.", "").replace("hook_", "")
+
+
+def _small_multiples(records, names: list[str], value, stats: Sequence[str], log_stats: Sequence[str] = (),
+                     title: str = "", height: float = 2.6, into=None) -> Figure:
+    """Rows: statistics; columns: model components; at most a handful of lines per panel, each its own colour.
+    ``into``: a subfigure to draw in (default: a new figure)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(component(name), []).append(name)
+    if into is None:
+        fig, axes = new_figure(len(stats), len(groups), figsize=(4.2 * len(groups), height * len(stats) + 0.8),
+                               sharex=True)
+    else:
+        fig, axes = into, into.subplots(len(stats), len(groups), squeeze=False, sharex=True)
+    steps = _steps(records)
+    for col, (group, members) in enumerate(groups.items()):
+        for row, stat in enumerate(stats):
+            ax = axes[row][col]
+            _many_lines(ax, steps, {_short(n): [value(r, n, stat) for r in records] for n in members},
+                        log=stat in log_stats)
+            ax.set_title(f"{group}: {stat}" if row == 0 else stat, fontsize=10)
+            if row == len(stats) - 1:
+                ax.set_xlabel("step")
+        axes[0][col].legend(loc="best", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 @styled
 def activations_figure(records) -> Figure:
-    hooks = list(records[-1]["activations"])
-    fig, axes = new_figure(2, 2, figsize=(15, 8.5))
-    for ax, stat in zip(axes.flat, ("mean", "std", "sparsity", "norm")):
-        _many_lines(ax, _steps(records),
-                    {hook: [r["activations"].get(hook, {}).get(stat) for r in records] for hook in hooks})
-        ax.set(xlabel="step", ylabel=stat, title=f"Activation {stat} per hook")
-    _legend_beside(fig, axes[0][0], "hook")
-    return fig
+    """Mean, std, sparsity and norm of every cached activation, one column per component."""
+    return _small_multiples(records, list(records[-1]["activations"]),
+                            lambda r, hook, stat: r["activations"].get(hook, {}).get(stat),
+                            ("mean", "std", "sparsity", "norm"), title="Activation statistics per hook")
 
 
 @styled
 def gradients_figure(records) -> Figure:
-    names = list(records[0]["gradients"])
-    fig, ((ax_norm, ax_ratio),) = new_figure(1, 2, figsize=(15, 4.8))
-    steps = _steps(records)
-    _many_lines(ax_norm, steps, {n: [r["gradients"][n]["grad_norm"] for r in records] for n in names}, log=True)
-    _many_lines(ax_ratio, steps, {n: [r["gradients"][n]["ratio"] for r in records] for n in names}, log=True)
-    ax_norm.set(xlabel="step", ylabel="‖∇W‖", title="Gradient norm per parameter (whole training set)")
-    ax_ratio.set(xlabel="step", ylabel="‖∇W‖ / ‖W‖", title="Gradient / parameter norm ratio")
-    _legend_beside(fig, ax_norm, "parameter")
-    return fig
+    """Gradient norm and gradient/parameter ratio of every parameter on the whole training set."""
+    return _small_multiples(records, list(records[0]["gradients"]),
+                            lambda r, name, stat: r["gradients"][name][stat], ("grad_norm", "ratio"),
+                            log_stats=("grad_norm", "ratio"), height=3.2,
+                            title="Gradient flow: ‖∇W‖ (grad_norm) and ‖∇W‖ / ‖W‖ (ratio) per parameter")
 
 
 @styled
 def weights_figure(records) -> Figure:
+    """Per-parameter norms by component (top), the total norm and the relative change between checkpoints."""
     names = list(records[0]["weights"]["norms"])
-    fig, ((ax_norm, ax_change),) = new_figure(1, 2, figsize=(15, 4.8))
+    fig = Figure(figsize=(4.2 * len({component(n) for n in names}), 8), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1])
+    _small_multiples(records, names, lambda r, name, stat: r["weights"]["norms"][name], ("‖W‖₂",),
+                     title="Weight norm per parameter", into=top)
+    ax_total, ax_change = bottom.subplots(1, 2)
     steps = _steps(records)
-    _many_lines(ax_norm, steps, {n: [r["weights"]["norms"][n] for r in records] for n in names})
-    ax_norm.plot(steps, [r["weights"]["total_norm"] for r in records], color="black", linewidth=2.5, label="total")
-    ax_norm.set(xlabel="step", ylabel="‖W‖₂", title="Weight norms")
-    _legend_beside(fig, ax_norm, "parameter")
+    ax_total.plot(steps, [r["weights"]["total_norm"] for r in records], "o-", color="black")
+    ax_total.set(xlabel="step", ylabel="‖θ‖₂", title="Total weight norm")
     changes = [(r["step"], r["weight_relative_change"]) for r in records[1:]]
     ax_change.plot([s for s, _ in changes], [c for _, c in changes], "o-", color="#444444")
     ax_change.set(xlabel="step", ylabel="‖θ_t − θ_prev‖ / ‖θ_prev‖", title="Relative weight change between checkpoints")
