@@ -155,6 +155,15 @@ def test_state_dict_of_another_shape_or_kind_is_refused_in_one_line(tmp_path, ch
     assert "\n" not in str(error.value)
 
 
+def test_non_tensor_weights_in_an_earlier_checkpoint_are_refused(tmp_path):
+    folder = write_earlier_run(tmp_path / "run", epochs=(0,))
+    checkpoint = earlier_checkpoint(5000, seed=1)
+    checkpoint["model_state_dict"]["embed.W_E"] = checkpoint["model_state_dict"]["embed.W_E"].tolist()
+    torch.save(checkpoint, folder / "checkpoints" / "checkpoint_epoch_5000.pt")  # plain containers: loads safely
+    with pytest.raises(ForeignRunError, match="embed.W_E is a list, not a tensor"):
+        load_foreign_run(folder)
+
+
 @pytest.mark.parametrize("model_overrides, message", [
     (dict(act_fn="gelu"), "act_fn 'gelu'"),
     (dict(normalization_type="RMS"), "normalization_type 'RMS'"),

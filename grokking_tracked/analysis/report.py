@@ -201,13 +201,13 @@ def _events(records: list[dict], history: History | None, events: list[dict] | N
     measured = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm",
                 "n_key_frequencies")
     logged_live = any("n_key_frequencies" in m for m in timeline.values())
-    if not logged_live:  # a run without live measures: its checkpoints are its progress readings
-        for record in records:
-            row = timeline.setdefault(record["step"], {k: record[k] for k in ("train_loss", "train_acc", "test_loss",
-                                                                              "test_acc")})
-            row.update({k: record[k] for k in measured})
+    for record in records:  # what the history lacks at a checkpoint step, the checkpoint measured
+        row = timeline.setdefault(record["step"], {})
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc") + (() if logged_live else measured):
+            row.setdefault(key, record[key])
     source = "history" if logged_live else ("history+checkpoints" if history else "checkpoints")
-    return detect_events(sorted(timeline.items()), **_thresholds(config)), source
+    usable = [(s, m) for s, m in sorted(timeline.items()) if {"train_acc", "test_acc", "test_loss"} <= set(m)]
+    return detect_events(usable, **_thresholds(config)), source
 
 
 def _thresholds(config) -> dict:
