@@ -95,6 +95,10 @@ def test_key_rule_takes_the_peaks_that_stand_out_of_the_floor():
     # a floor near 0.3. The largest gap is after the third peak.
     tail = {21: 3.36, 10: 2.95, 19: 2.35, 17: 1.01, 20: 0.69, 2: 0.65, 11: 0.55, 28: 0.49}
     assert fourier.key_frequencies(with_peaks(spectrum(1, 29) * 0.3, tail))[0] == [10, 19, 21]
+    # The nanda2023 run at step 7,000, mid clean-up: the floor has fallen to ~0.4 and frequencies the circuit is
+    # abandoning (35, 5, 31, 48) form a second tier above it; the keys are the top cluster above the first drop.
+    second_tier = {41: 6.69, 39: 5.54, 24: 5.45, 54: 5.01, 36: 4.91, 35: 2.66, 5: 1.62, 31: 1.61, 48: 1.51, 17: 0.77}
+    assert fourier.key_frequencies(with_peaks(spectrum(7) * 0.4, second_tier))[0] == [24, 36, 39, 41, 54]
 
 
 @pytest.mark.parametrize("norms", [

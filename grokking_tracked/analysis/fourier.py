@@ -5,8 +5,9 @@ For ``a + b mod p`` a grokked 1-layer transformer embeds residues on a few circl
 
 - Fourier basis of Z_n: constant, cos(2πkx/n), sin(2πkx/n) for k = 1..n//2, every row normalised.
 - Spectrum of the embedding W_E (norm per frequency k) and of the neuron→logit map W_L = W_out W_U.
-- Key frequencies: the rule in ``key_frequency_mask`` (``KEY_RULE``): the frequencies that stand out of the
-  noise floor of the spectrum, cut at its largest gap.
+- Key frequencies: the rule in ``key_frequency_mask`` (``KEY_RULE``): the top cluster of the sorted spectrum,
+  down to its first big drop, standing out of the noise floor. (The first drop, not the largest: while
+  clean-up lowers the floor, frequencies the circuit is abandoning form a second tier above it.)
 - Restricted loss: logits over the whole (a, b) grid keep only their constant and key-frequency
   cos(w_k(a+b)), sin(w_k(a+b)) components in (a, b) (for each output c); their loss over all pairs.
   Since these directions times c's own dependence are exactly cos(w_k(a+b−c)), this is Nanda's
@@ -150,11 +151,11 @@ def gini(values: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- key frequencies
 MAX_KEYS = 10  # the paper's runs have 3-5 key frequencies
 FLOOR_RATIO = 3.0  # every key's norm is >= 3x the floor: it stands out of the noise
-MIN_GAP = 1.5  # the cut is a real gap: weakest key >= 1.5x the strongest other frequency
+MIN_GAP = 1.6  # the cut is a real drop: weakest key >= 1.6x the next frequency (keys differ by less)
 KEY_RULE = (f"per-frequency norms of the embedding W_E (group order); floor = their median (keys are few, so the "
-            f"median is a noise frequency); sort descending and cut after the j-th norm where the gap "
-            f"norm_j / norm_(j+1) is largest among the cuts with norm_j >= {FLOOR_RATIO:g} x floor, gap >= "
-            f"{MIN_GAP:g} and j <= min({MAX_KEYS}, (frequencies - 1) // 2); keys = the j largest. No such cut: no "
+            f"median is a noise frequency); sort descending and cut at the first big drop from the top: the "
+            f"smallest j with norm_j / norm_(j+1) >= {MIN_GAP:g} and norm_j >= {FLOOR_RATIO:g} x floor, "
+            f"j <= min({MAX_KEYS}, (frequencies - 1) // 2); keys = the j largest. No such cut: no "
             "key frequencies and sparse = false. The same rule on the neuron->logit map W_L = W_out W_U (over the "
             "output residue) is the cross-check")
 
@@ -174,7 +175,7 @@ def key_frequency_mask(norms: torch.Tensor, max_keys: int = MAX_KEYS) -> torch.T
     weakest_key, strongest_other = ordered[:cuts], ordered[1:cuts + 1]  # cut after j = 1..cuts
     gaps = weakest_key / strongest_other.clamp_min(torch.finfo(torch.float64).tiny)
     allowed = (weakest_key >= FLOOR_RATIO * floor) & (gaps >= MIN_GAP) & (weakest_key > 0)
-    best = torch.where(allowed, gaps, 0.0).argmax()  # index j-1 of the best cut
+    best = allowed.to(torch.int8).argmax()  # index j-1 of the first allowed cut from the top
     keep = (torch.arange(count, device=norms.device) <= best) & allowed.any()
     return mask.scatter(0, order, keep)
 
