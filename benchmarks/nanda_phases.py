@@ -1,7 +1,7 @@
 """The nanda2023 preset end to end with Trainer (no tracking): its phase boundaries beside the paper's, and the
 wall time. Hours on one CPU core (p = 113, d_model 128, up to 40,000 full-batch steps); minutes on a GPU.
 
-    PYTHONPATH=. python benchmarks/nanda_phases.py [--out /tmp/nanda] [--device auto]
+    python benchmarks/nanda_phases.py [--out /tmp/nanda] [--device auto]
 
 Writes ``history.json`` (metrics every evaluation, progress measures every ``progress_every`` steps) and
 model weights every ``checkpoint_every`` steps into ``--out``, so the run can be analysed afterwards.

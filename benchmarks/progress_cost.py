@@ -5,7 +5,7 @@ alternating rounds of ``progress_every`` steps (evaluating every ``eval_every`` 
 load hits both alike; the steps/s of each and the overhead are printed, plus the time of one reading and
 the overhead that implies for other ``progress_every`` values.
 
-    PYTHONPATH=. python benchmarks/progress_cost.py [--rounds 3] [--presets default nanda2023]
+    python benchmarks/progress_cost.py [--rounds 3] [--presets default nanda2023]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     print(describe())
     for name in args.presets:
         chosen = preset(name).progress_every or preset(name).eval_every * 10
-        base = preset(name, progress_every=0, device="cpu")
+        base = preset(name, progress_every=0, stop_after="generalization", device="cpu")
         trainers = {"off": Trainer(base, progress=False),
                     f"every {chosen}": Trainer(base.replace(progress_every=chosen), progress=False)}
         for trainer in trainers.values():  # warm-up: past memorisation's first steps, allocator settled
