@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, WD_SCHEDULES, ConfigError, UserError
+from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, STOP_EVENTS, WD_SCHEDULES, ConfigError, UserError
 
 # MLflow's client settings for a command-line process (read from the environment by MLflow; set before it is
 # imported). MLflow retries 7 times with exponential back-off by default: minutes before an error, and minutes
@@ -90,7 +90,12 @@ def cli() -> None:
 @click.option("--grokfast-alpha", type=float)
 @click.option("--grokfast-lambda", type=float, help="Grokfast EMA gradient filter strength (0: off).")
 @click.option("--stop-on-grok/--no-stop-on-grok", default=None,
-              help="Stop a short margin after generalisation (default: on).")
+              help="Stop a short margin after the stop event (default: on).")
+@click.option("--stop-after", type=click.Choice(STOP_EVENTS),
+              help="The stop event: generalization (default), or cleanup_end (Nanda's clean-up over; needs "
+                   "--progress-every).")
+@click.option("--progress-every", type=int,
+              help="Steps between live progress measures (restricted/excluded loss, Gini, key frequencies; 0: off).")
 @click.option("--device", type=click.Choice(DEVICES), help="auto picks CUDA when available.")
 @click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE", help="Override any config field.")
 @click.option("--experiment", default="grokking", show_default=True, help="MLflow experiment name.")
@@ -132,6 +137,27 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
     click.echo(outcome.summary())
     local = "" if outcome.tracking_uri.startswith(("http://", "https://")) else " (grokking-tracked ui)"
     click.echo(f"runs: {outcome.runs_url()}{local}")
+
+
+@cli.command(name="import")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--experiment", default="grokking", show_default=True, help="MLflow experiment name.")
+@click.option("--run-name", default=None, help="MLflow run name.")
+@click.option("--operation", type=click.Choice(OPERATIONS), default="add", show_default=True,
+              help="For a bare state dict: the task it was trained on (a run folder's config.json says).")
+@click.option("--train-frac", type=float, default=None, help="For a bare state dict: its training fraction.")
+@click.option("--data-seed", type=int, default=None, help="For a bare state dict: its split's seed.")
+@tracking_uri_option
+def import_(path: str, experiment: str, run_name: str | None, operation: str, train_frac: float | None,
+            data_seed: int | None, tracking_uri: str | None) -> None:
+    """Import a run trained elsewhere (the earlier project's run folder, or a TransformerLens HookedTransformer
+    state dict of the same 1-layer shape) as an MLflow run that analyze and compare work on."""
+    configure_process()
+    from .tracking.importing import import_run
+
+    run_id = import_run(path, tracking_uri, experiment=experiment, run_name=run_name, operation=operation,
+                        train_frac=train_frac, data_seed=data_seed)
+    click.echo(f"run id: {run_id}")
 
 
 @cli.command()

@@ -21,6 +21,7 @@ NORMALIZATIONS = ("none", "ln")
 # and trials trained in one lockstep stack must share them.
 TASK_FIELDS = ("p", "operation")
 MODEL_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp", "normalization")
+STOP_EVENTS = ("generalization", "cleanup_end")  # what stop_after may name
 
 
 class UserError(Exception):
@@ -78,6 +79,7 @@ FIELD_DOMAINS: dict[str, Domain] = {
     "memorization_threshold": Domain(float, 0, 1, low_open=True),
     "generalization_threshold": Domain(float, 0, 1, low_open=True),
     "onset_loss_drop": Domain(float, 0, 1, True, True), "stop_margin": Domain(int, 0, BIG),
+    "progress_every": Domain(int, 0, BIG),
 }
 
 
@@ -127,7 +129,10 @@ class Config:
     generalization_threshold: float = 0.99
     onset_loss_drop: float = 0.5  # onset: test loss fell to this fraction of its post-memorisation peak
     stop_on_grok: bool = True
-    stop_margin: int = 200  # steps trained after generalisation before stopping
+    stop_margin: int = 200  # steps trained after the stop event before stopping
+    stop_after: str = "generalization"  # the event that stops training: generalization | cleanup_end
+    # --- live progress measures (Nanda et al. 2023), measures.py ---
+    progress_every: int = 0  # read at the first evaluation in every progress_every steps; 0: off
     # --- runtime ---
     device: str = "auto"
 
@@ -158,7 +163,7 @@ class Config:
                 raise ConfigError(message)
 
         for name, options in (("operation", OPERATIONS), ("lr_schedule", LR_SCHEDULES), ("wd_schedule", WD_SCHEDULES),
-                              ("normalization", NORMALIZATIONS)):
+                              ("normalization", NORMALIZATIONS), ("stop_after", STOP_EVENTS)):
             need(getattr(self, name) in options,
                  f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(options)}")
         need(self.operation != "div" or is_prime(self.p),
@@ -171,6 +176,8 @@ class Config:
             need(self.lr * getattr(self, decay) < 1,
                  f"lr x {decay} must be < 1 (AdamW multiplies the weights by 1 - lr*{decay} each step), got "
                  f"{self.lr:g} x {getattr(self, decay):g}")
+        need(self.stop_after != "cleanup_end" or self.progress_every > 0,
+             "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
         need(isinstance(self.device, str) and (self.device in DEVICES or
                                                (self.device.startswith("cuda:") and self.device[5:].isdigit())),
              f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")
@@ -238,9 +245,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(p=113, d_model=64, d_mlp=256, n_heads=4, train_frac=0.3, lr=1e-3, weight_decay=1.0,
                  beta1=0.9, beta2=0.98, max_steps=25000, eval_every=100, checkpoint_every=2500),
     # Nanda et al. 2023, "Progress measures for grokking via mechanistic interpretability".
+    # Trained until the end of clean-up (detect.py's cleanup_end), at most the paper's 40,000 full-batch steps.
     "nanda2023": dict(p=113, d_model=128, d_mlp=512, n_heads=4, train_frac=0.3, lr=1e-3, weight_decay=1.0,
-                      beta1=0.9, beta2=0.98, max_steps=25000, eval_every=100, checkpoint_every=2500,
-                      lr_schedule="warmup", warmup_steps=10),
+                      beta1=0.9, beta2=0.98, max_steps=40000, eval_every=100, checkpoint_every=500,
+                      lr_schedule="warmup", warmup_steps=10, progress_every=100, stop_after="cleanup_end"),
 }
 
 

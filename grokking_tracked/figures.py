@@ -160,7 +160,7 @@ def attention_grid(model, p: int, layer: int = 0):
 
 
 @styled
-def attention_figure(grid, layer: int = 0) -> Figure:
+def attention_figure(grid, layer: int = 0, title: str = "") -> Figure:
     """Per head, the attention from "=" to a over the (a, b) grid: a generalising model shows periodic stripes
     (Nanda et al. 2023), a memorising one noise."""
     n_heads = grid.shape[0]
@@ -171,7 +171,19 @@ def attention_figure(grid, layer: int = 0) -> Figure:
         ax.set(title=f"head {head}", xlabel="b", ylabel="a" if head == 0 else "")
         ax.grid(False)
     fig.colorbar(image, cax=fig.add_axes((0.9, 0.14, 0.015, 0.66)), label='attention "=" → a')
-    fig.suptitle(f"Layer {layer}: attention from '=' to a")
+    fig.suptitle(f"Layer {layer}: attention from '=' to a" + (f", {title}" if title else ""))
+    return fig
+
+
+@styled
+def spectrum_figure(norms: Sequence[float], keys: Sequence[int], step: int) -> Figure:
+    """The embedding's norm per Fourier frequency at one checkpoint, the run's key frequencies highlighted."""
+    fig, ((ax,),) = new_figure(1, 1, figsize=(8, 3.4), margins=dict(left=0.08, right=0.98, bottom=0.16, top=0.86))
+    frequencies = range(1, len(norms) + 1)
+    ax.bar(frequencies, norms, color=[SPLIT_COLORS["test"] if k in keys else "#999999" for k in frequencies])
+    ax.set(xlabel="frequency k", ylabel="norm of W_E's component",
+           title=f"Embedding Fourier spectrum at step {step:,} (key frequencies {list(keys)} in colour)")
+    ax.grid(axis="x", visible=False)
     return fig
 
 

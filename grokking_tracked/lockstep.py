@@ -59,7 +59,8 @@ def check_compatible(configs: Sequence[Config]) -> None:
                 raise ValueError(f"lockstep trials must share {name!r}: {getattr(config, name)!r} != "
                                  f"{getattr(first, name)!r}")
         unsupported = [name for name, off in (("curriculum", False), ("lr_schedule", "constant"),
-                                              ("wd_schedule", "constant"), ("grokfast_lambda", 0.0))
+                                              ("wd_schedule", "constant"), ("grokfast_lambda", 0.0),
+                                              ("progress_every", 0), ("stop_after", "generalization"))
                        if getattr(config, name) != off]
         if unsupported:
             raise ValueError(f"lockstep training supports the plain AdamW loop only; set "

@@ -22,6 +22,7 @@ from .config import Config, ConfigError
 from .data import ModularData, curriculum_order, make_dataset
 from .detect import GrokDetector
 from . import fastpath
+from .measures import ProgressMeasures
 from .metrics import EVAL_METRICS, cross_entropy_high_precision, split_metrics, weight_and_grad_norms
 from .model import GrokkingTransformer
 from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
@@ -146,10 +147,11 @@ def make_detector(config: Config) -> GrokDetector:
 
 
 def planned_stop(config: Config, detector: GrokDetector) -> int:
-    """The step training ends at: max_steps, or stop_margin steps after generalisation with stop_on_grok."""
-    generalized = detector.step_of("generalization")
-    if config.stop_on_grok and generalized is not None:
-        return min(config.max_steps, generalized + config.stop_margin)
+    """The step training ends at: max_steps, or, with stop_on_grok, stop_margin steps after the ``stop_after``
+    event (generalisation; or the end of clean-up, for the nanda2023 preset)."""
+    stop_event = detector.step_of(config.stop_after)
+    if config.stop_on_grok and stop_event is not None:
+        return min(config.max_steps, stop_event + config.stop_margin)
     return config.max_steps
 
 
@@ -196,6 +198,8 @@ class Trainer:
         self.grokfast = GrokfastEMA(config.grokfast_alpha, config.grokfast_lambda) if config.grokfast_lambda else None
         self.history: list[tuple[int, dict[str, float]]] = []
         self.step = 0
+        self.progress_measures = (ProgressMeasures(config.p, config.operation, self.data.train_tokens, self.device)
+                                  if config.progress_every else None)
         if config.curriculum:
             order = curriculum_order(self.data.train_tokens.cpu()).to(self.device)
             self._train_tokens, self._train_labels = self.data.train_tokens[order], self.data.train_labels[order]
@@ -329,6 +333,8 @@ class Trainer:
 
     def _evaluate_and_emit(self) -> list[dict]:
         metrics = self.evaluate()
+        if self.progress_measures is not None and self.step % self.config.progress_every < self.config.eval_every:
+            metrics.update(self.progress_measures(self.model))
         self.history.append((self.step, metrics))
         events = self.detector.update(self.step, metrics)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -165,21 +165,6 @@ def test_weight_decay_schedule_values():
     assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(weight_decay_at(config, 9))
 
 
-def test_curriculum_grows_from_easy_examples_to_all():
-    trainer = Trainer(short(curriculum=True, curriculum_start_frac=0.25, curriculum_steps=20), progress=False)
-    n = len(trainer.data.train_labels)
-    assert trainer.active_train_examples(0) == math.ceil(0.25 * n)
-    assert trainer.active_train_examples(20) == trainer.active_train_examples(1000) == n
-    first = trainer._train_tokens[: trainer.active_train_examples(0)]
-    assert first[:, :2].max() < trainer._train_tokens[:, :2].max()  # small operands first
-
-
-def test_grokfast_filter_changes_the_trajectory():
-    plain = Trainer(short(), progress=False).train().history[-1][1]["train_loss"]
-    filtered = Trainer(short(grokfast_lambda=2.0), progress=False).train().history[-1][1]["train_loss"]
-    assert plain != filtered
-
-
 def test_checkpoint_round_trip_continues_identically():
     """A checkpoint loaded with weights_only=True continues exactly like the uninterrupted run."""
     config = short(max_steps=30, lr_schedule="cyclic", grokfast_lambda=1.0)

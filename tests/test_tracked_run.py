@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 
 from conftest import free_port, run_cli
 from grokking_tracked.config import preset
-from grokking_tracked.train import Trainer
 from grokking_tracked.tracking import run_experiment
 
 # p=59 with half the pairs for training generalises in a few hundred steps: seconds on 2 cores.
@@ -187,16 +186,3 @@ def test_failure_inside_training_ends_the_run_failed(local_store):
         run_experiment(config, tracking_uri=local_store, progress=False, callbacks=[Explode()],
                        on_run_started=run_ids.append)
     assert MlflowClient(local_store).get_run(run_ids[0]).info.status == "FAILED"
-
-
-@pytest.mark.slow
-def test_onset_fires_before_generalization_in_grokking_but_not_in_a_control():
-    grokking = Trainer(preset("default"), progress=False).train()
-    onset, general = grokking.step_of("onset"), grokking.step_of("generalization")
-    memorized = grokking.step_of("memorization")
-    assert memorized is not None and general is not None and onset is not None
-    assert memorized < onset < general
-    assert general >= 5 * memorized  # the default preset shows a real grokking delay
-    control = Trainer(preset("default", weight_decay=0.0, max_steps=1500), progress=False).train()
-    assert control.step_of("memorization") is not None
-    assert control.step_of("onset") is None and control.step_of("generalization") is None

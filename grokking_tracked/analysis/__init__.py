@@ -4,7 +4,8 @@
 - ``mechanics``: attention patterns, activation statistics, gradient flow, weight evolution (TransformerLens hooks).
 - ``fourier``: Nanda et al. 2023 progress measures (Fourier spectrum, key frequencies, restricted/excluded
   loss, Gini, total weight norm), with the discrete-log basis for mul/div.
-- ``report``: ``analyze_checkpoints`` (figures + ``summary.json``) and ``compare_figure``.
+- ``report``: ``analyze_checkpoints`` (figures + ``summary.json``); ``plots``: its figures and ``compare_figure``.
+- ``detection``: the onset early warning over many runs; ``importer``: runs trained elsewhere.
 
 Names are imported lazily so that ``from grokking_tracked.analysis import CheckpointError`` stays cheap
 for the CLI's error paths (transformer_lens takes seconds to import).
@@ -20,7 +21,10 @@ _EXPORTS = {
     "model_from_checkpoint": "checkpoints",
     "find_checkpoints": "checkpoints",
     "analyze_checkpoints": "report",
-    "compare_figure": "report",
+    "compare_figure": "plots",
+    "load_foreign_run": "importer",
+    "onset_quality": "detection",
+    "onset_quality_figure": "detection",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -45,28 +46,34 @@ def check_safe_loading(version: str | None = None) -> None:
                               f"torch {'.'.join(map(str, SAFE_LOADING_TORCH))} on): upgrade torch")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict written by ``torch.save(trainer.state_dict(), path)`` without unsafe unpickling."""
+def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` of any file: tensors and plain containers only, one-line errors."""
     check_safe_loading()
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line is ours
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's restricted unpickler names any global it refuses (e.g. "GLOBAL posix.system"); other
         # unpickling errors (e.g. "Unsupported operand") mean the bytes are not a pickle at all.
         refused = _REFUSED_GLOBAL.search(str(error))
         if refused:
             raise CheckpointError(
-                f"checkpoint {path.name} refused: it asks to unpickle {refused.group(1)}, which needs unsafe "
+                f"{what} {path.name} refused: it asks to unpickle {refused.group(1)}, which needs unsafe "
                 "loading (only tensors and plain containers are accepted)") from None
-        raise CheckpointError(f"checkpoint {path.name} is corrupt: not a torch checkpoint") from None
+        raise CheckpointError(f"{what} {path.name} is corrupt: not a torch checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError,
-            IndexError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {path.name} is corrupt or truncated: {_one_line(error)}") from None
+            IndexError, TypeError, struct.error) as error:
+        raise CheckpointError(f"{what} {path.name} is corrupt or truncated: {_one_line(error)}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict written by ``torch.save(trainer.state_dict(), path)`` without unsafe unpickling."""
+    path = Path(path)
+    state = safe_load(path)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(
             state.get("config"), dict):
         raise CheckpointError(f"checkpoint {path.name} is not a grokking-tracked checkpoint "

@@ -3,7 +3,7 @@
 One pass, checkpoint by checkpoint (tqdm), keeping only the previous checkpoint's weights and attention
 grid: time is linear and memory constant in the number of checkpoints. Key frequencies are fixed first
 from the last checkpoint (the trained circuit), so restricted/excluded losses of every checkpoint measure
-the same directions.
+the same directions (Nanda et al.; the live measures use each step's own keys, see ``measures.py``).
 """
 
 from __future__ import annotations
@@ -14,24 +14,23 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import matplotlib
+import torch
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from ..data import make_dataset
+from ..detect import GrokDetector, detect_events
+from .. import figures as run_figures
+from ..measures import ProgressMeasures
+from . import fourier, mechanics, plots
+from .checkpoints import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 
-from ..data import make_dataset  # noqa: E402
-from . import fourier, mechanics  # noqa: E402
-from .checkpoints import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
-
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 DROP_RULE = ("drop step of a series = first step, at or after its maximum, where it is <= drop_fraction x that "
              "maximum; restricted loss falls before test loss iff its drop step (a checkpoint step) is strictly "
              "smaller than test loss's (from the history when given, else from the checkpoints)")
-KEY_RULE = ("frequencies of the embedding W_E (last checkpoint) sorted by energy (norm^2); the smallest set "
-            "explaining >= {fraction:.0%} of the non-constant energy; 'sparse' is false when that needs more than "
-            "{max_keys} frequencies (then the top {max_keys} are listed)")
+# Nanda et al. 2023, main run (p = 113, 30 % of pairs, full batch, AdamW lr 1e-3 wd 1): phase boundaries in steps.
+PAPER_PHASES = {"memorization_end": 1400, "circuit_formation_end": 9400, "cleanup_end": 14000}
+PHASE_EVENTS = ("memorization", "circuit_formation", "cleanup", "generalization", "cleanup_end")
 
 History = list[tuple[int, Mapping[str, float]]]
 
@@ -62,23 +61,20 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).to(torch.float64).mean()) if labels.numel() else float("nan")
 
 
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
 # ---------------------------------------------------------------------------------------------- main
 def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, history: History | None = None,
-                        progress: bool = True, *, expected_config=None, key_energy_fraction: float = 0.8,
-                        max_key_frequencies: int = 10, drop_fraction: float = 0.5) -> dict:
+                        progress: bool = True, *, expected_config=None, events: list[dict] | None = None,
+                        drop_fraction: float = 0.5, step_images: Path | None = None) -> dict:
     """Analyse ``[(step, path)]`` checkpoints of one run; write figures and ``summary.json`` into ``out_dir``.
 
+    ``step_images``: a directory for two small PNGs per checkpoint (attention from "=" and the embedding's Fourier
+    spectrum, ``<name>_step_NNNNNNN.png``), which the tracking side logs with MLflow's per-step images.
     ``history``: the run's ``[(step, metrics)]`` (``train_loss``/``test_loss``…) for the learning curves and
-    the restricted-vs-test comparison. ``expected_config``: the run's own config (``config.json``); every
-    checkpoint must have its model shape. Raises ``CheckpointError`` (one-line message) for unusable input;
-    nothing is written to ``out_dir`` before every checkpoint has been analysed.
+    the restricted-vs-test comparison. ``events``: the run's ``events.json`` (drawn on the figures; without
+    them, events are detected from the history and the checkpoints' progress measures). ``expected_config``:
+    the run's own config (``config.json``); every checkpoint must have its model shape. Raises
+    ``CheckpointError`` (one-line message) for unusable input; nothing is written to ``out_dir`` before every
+    checkpoint has been analysed.
     """
     started = time.perf_counter()
     if not checkpoints:
@@ -90,20 +86,17 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
     config = config_from_checkpoint(last_state)
     if expected_config is not None:
         model_from_checkpoint(last_state, expected_config)  # refuses another model shape before any work
-    view = fourier.GroupView.for_task(config.p, config.operation)
-    final_spectrum = fourier.spectrum_measures(model_from_checkpoint(last_state, config), view)
-    keys, key_energy, sparse = fourier.key_frequencies(torch.tensor(final_spectrum.embedding_freq_norms),
-                                                       key_energy_fraction, max_key_frequencies)
-
     data = make_dataset(config)
-    grid_labels, grid_train, grid_index = fourier.grid_tensors(config, view, data.train_tokens)
+    measures = ProgressMeasures(config.p, config.operation, data.train_tokens)
+    final = measures.read(model_from_checkpoint(last_state, config))
+    keys = final.key_frequencies
+    grid_index = measures.grid.flat_index
     train_index = data.train_tokens[:, 0] * config.p + data.train_tokens[:, 1]
     test_index = data.test_tokens[:, 0] * config.p + data.test_tokens[:, 1]
     heatmap_at = sorted({0, len(checkpoints) // 2, len(checkpoints) - 1})
 
     records: list[dict] = []
     heatmaps: dict[int, torch.Tensor] = {}
-    embedding_spectra: list[list[float]] = []
     previous_grid, previous_weights = None, None
     bar = tqdm(checkpoints, desc="analysing checkpoints", unit="ckpt", disable=not progress, dynamic_ncols=True)
     for i, (step, path) in enumerate(bar):
@@ -112,50 +105,51 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         model = model_from_checkpoint(state, config)
         logits, cache = mechanics.forward_with_cache(model, config.p)
         last = logits[:, -1]  # (p·p, p), row a·p + b
-        restricted, excluded = fourier.restricted_and_excluded_loss(
-            last[grid_index], grid_labels, grid_train, keys, view.sign)
-        spectrum = fourier.spectrum_measures(model, view)
+        reading = measures.read(model, keys=keys, logits=last[grid_index])
         grid = mechanics.attention_from_equals(cache, config.p)
         if i in heatmap_at:
             heatmaps[step] = grid
+        if step_images is not None:  # per-step snapshots for the MLflow UI's step slider
+            run_figures.save_figure(run_figures.attention_figure(grid[:, 0].numpy(), title=f"step {step:,}"),
+                                    Path(step_images) / f"attention_step_{step:07d}.png")
+            run_figures.save_figure(run_figures.spectrum_figure(reading.embedding_freq_norms, keys, step),
+                                    Path(step_images) / f"fourier_spectrum_step_{step:07d}.png")
         attention = mechanics.attention_summary(grid, previous_grid)
         activations = mechanics.activation_stats(cache)
         del cache, logits
         gradients = mechanics.gradient_flow(model, data.train_tokens, data.train_labels)
         weights, previous_weights = mechanics.weight_evolution(model, previous_weights)
         previous_grid = grid
-        embedding_spectra.append(spectrum.embedding_freq_norms)
         records.append({
             "step": step,
-            "train_loss": fourier._loss(last[train_index], data.train_labels),
-            "test_loss": fourier._loss(last[test_index], data.test_labels),
+            "train_loss": float(fourier.cross_entropy(last[train_index], data.train_labels)),
+            "test_loss": float(fourier.cross_entropy(last[test_index], data.test_labels)),
             "train_acc": _accuracy(last[train_index], data.train_labels),
             "test_acc": _accuracy(last[test_index], data.test_labels),
-            "restricted_loss": restricted,
-            "excluded_loss": excluded,
-            "gini_embedding": spectrum.gini_embedding,
-            "gini_neuron_logit": spectrum.gini_neuron_logit,
-            "total_weight_norm": spectrum.total_weight_norm,
+            **reading.metrics,  # restricted/excluded loss with the final keys; n_key_frequencies of this step
+            "key_frequencies": reading.key_frequencies,
             "weight_relative_change": weights["relative_change"],
             "weights": weights,
             "attention": attention,
             "activations": activations,
             "gradients": gradients,
-            "embedding_freq_norms": spectrum.embedding_freq_norms,
+            "embedding_freq_norms": reading.embedding_freq_norms,
         })
     bar.close()
 
     comparison = _restricted_vs_test(records, history, drop_fraction)
+    found_events, events_source = _events(records, history, events, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = [
-        _figure_progress(records, history, keys, out_dir / "progress_measures.png"),
-        _figure_spectrum(records, embedding_spectra, final_spectrum, keys, out_dir / "fourier_spectrum.png"),
-        _figure_attention(heatmaps, out_dir / "attention_patterns.png"),
-        _figure_attention_change(records, out_dir / "attention_change.png"),
-        _figure_activations(records, out_dir / "activation_stats.png"),
-        _figure_gradients(records, out_dir / "gradient_flow.png"),
-        _figure_weights(records, out_dir / "weight_evolution.png"),
-    ]
+    figures = [plots.save(fig, out_dir / name) for name, fig in (
+        ("progress_measures.png", plots.progress_figure(records, history, keys, found_events)),
+        ("fourier_spectrum.png", plots.spectrum_figure(records, final, keys)),
+        ("attention_patterns.png", plots.attention_figure(heatmaps)),
+        ("attention_change.png", plots.attention_change_figure(records)),
+        ("activation_stats.png", plots.activations_figure(records)),
+        ("gradient_flow.png", plots.gradients_figure(records)),
+        ("weight_evolution.png", plots.weights_figure(records)),
+    )]
+    key_energy = fourier.key_frequencies(torch.tensor(final.embedding_freq_norms))[1]
     summary = {
         "schema_version": SUMMARY_VERSION,
         "p": config.p,
@@ -164,19 +158,22 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         "n_checkpoints": len(records),
         "steps": [r["step"] for r in records],
         "fourier": {
-            "basis": view.basis,
-            "group_size": view.n,
-            "generator": view.generator,
-            "meaningful": view.meaningful,
-            "note": view.note,
+            "basis": measures.grid.view.basis,
+            "group_size": measures.grid.view.n,
+            "generator": measures.grid.view.generator,
+            "meaningful": measures.grid.view.meaningful,
+            "note": measures.grid.view.note,
             "key_frequencies": keys,
             "key_frequency_energy_fraction": key_energy,
-            "sparse": sparse,
-            "key_frequency_rule": KEY_RULE.format(fraction=key_energy_fraction, max_keys=max_key_frequencies),
-            "final_embedding_freq_norms": final_spectrum.embedding_freq_norms,
-            "final_neuron_logit_freq_norms": final_spectrum.neuron_logit_freq_norms,
+            "sparse": bool(keys),
+            "key_frequency_rule": fourier.KEY_RULE,
+            "neuron_logit_key_frequencies": final.neuron_logit_key_frequencies,
+            "key_agreement": fourier.key_agreement(keys, final.neuron_logit_key_frequencies),
+            "final_embedding_freq_norms": final.embedding_freq_norms,
+            "final_neuron_logit_freq_norms": final.neuron_logit_freq_norms,
         },
         "restricted_loss_falls_before_test_loss": comparison,
+        "phases": _phases(found_events, events_source),
         "final": {k: records[-1][k] for k in ("step", "train_loss", "test_loss", "train_acc", "test_acc",
                                               "restricted_loss", "excluded_loss", "gini_embedding",
                                               "gini_neuron_logit", "total_weight_norm")},
@@ -203,153 +200,34 @@ def _restricted_vs_test(records: list[dict], history: History | None, drop_fract
             "test_loss_source": source, "drop_fraction": drop_fraction, "rule": DROP_RULE}
 
 
-# ---------------------------------------------------------------------------------------------- figures
-def _steps(records):
-    return [r["step"] for r in records]
+def _events(records: list[dict], history: History | None, events: list[dict] | None,
+            config) -> tuple[list[dict], str]:
+    """The run's events as logged, else detected now: on the history merged with the checkpoints' measures."""
+    if events is not None:
+        return list(events), "events.json"
+    timeline = {int(s): dict(m) for s, m in (history or [])}
+    measured = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm",
+                "n_key_frequencies")
+    logged_live = any("n_key_frequencies" in m for m in timeline.values())
+    for record in records:  # what the history lacks at a checkpoint step, the checkpoint measured
+        row = timeline.setdefault(record["step"], {})
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc") + (() if logged_live else measured):
+            row.setdefault(key, record[key])
+    source = "history" if logged_live else ("history+checkpoints" if history else "checkpoints")
+    usable = [(s, m) for s, m in sorted(timeline.items()) if {"train_acc", "test_acc", "test_loss"} <= set(m)]
+    return detect_events(usable, **_thresholds(config)), source
 
 
-def _figure_progress(records, history, keys, path: Path) -> str:
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax = axes[0]
-    if history:
-        hs = [s for s, _ in history]
-        for name in ("train_loss", "test_loss"):
-            if all(name in m for _, m in history):
-                ax.plot(hs, [m[name] for _, m in history], label=f"{name} (history)", alpha=0.8)
-    else:
-        ax.plot(_steps(records), [r["train_loss"] for r in records], "o-", label="train loss")
-        ax.plot(_steps(records), [r["test_loss"] for r in records], "o-", label="test loss")
-    ax.plot(_steps(records), [r["restricted_loss"] for r in records], "s-", label="restricted loss")
-    ax.plot(_steps(records), [r["excluded_loss"] for r in records], "^-", label="excluded loss")
-    ax.set(yscale="log", xlabel="step", ylabel="cross-entropy", title=f"Progress measures (key freqs {keys})")
-    ax.legend(fontsize=8)
-    axes[1].plot(_steps(records), [r["gini_embedding"] for r in records], "o-", label="W_E")
-    axes[1].plot(_steps(records), [r["gini_neuron_logit"] for r in records], "s-", label="W_L = W_out W_U")
-    axes[1].set(xlabel="step", ylabel="Gini", title="Gini of Fourier-basis norms", ylim=(0, 1))
-    axes[1].legend(fontsize=8)
-    axes[2].plot(_steps(records), [r["total_weight_norm"] for r in records], "o-")
-    axes[2].set(xlabel="step", ylabel="‖θ‖₂", title="Total weight norm")
-    return _save(fig, path)
+def _thresholds(config) -> dict:
+    return dict(memorization_threshold=config.memorization_threshold,
+                generalization_threshold=config.generalization_threshold, onset_loss_drop=config.onset_loss_drop)
 
 
-def _figure_spectrum(records, spectra, final, keys, path: Path) -> str:
-    import seaborn as sns
-
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    matrix = torch.tensor(spectra).T.numpy()  # (freq, checkpoint)
-    freqs = list(range(1, matrix.shape[0] + 1))
-    sns.heatmap(matrix, ax=axes[0], cmap="viridis", cbar_kws={"label": "norm"},
-                xticklabels=_steps(records), yticklabels=[f if f in keys or f % 5 == 0 else "" for f in freqs])
-    axes[0].set(xlabel="checkpoint step", ylabel="frequency k", title="Embedding W_E: norm per Fourier frequency")
-    colors = ["tab:red" if f in keys else "tab:blue" for f in freqs]
-    axes[1].bar(freqs, final.embedding_freq_norms, color=colors)
-    axes[1].set(xlabel="frequency k", ylabel="norm", title=f"Last checkpoint (red: key frequencies {keys})")
-    return _save(fig, path)
-
-
-def _figure_attention(heatmaps: dict[int, torch.Tensor], path: Path) -> str:
-    steps = sorted(heatmaps)
-    n_heads = next(iter(heatmaps.values())).shape[0]
-    fig, axes = plt.subplots(len(steps), n_heads, figsize=(3.2 * n_heads, 3 * len(steps)), squeeze=False)
-    for row, step in enumerate(steps):
-        for h in range(n_heads):
-            ax = axes[row][h]
-            image = ax.imshow(heatmaps[step][h, 0].numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
-            ax.set(title=f"step {step}, head {h}", xlabel="b", ylabel="a")
-    fig.colorbar(image, ax=axes, shrink=0.6, label='attention "=" → a')
-    fig.suptitle('Attention from "=" to a over the (a, b) grid (to b = 1 − to a − to "=")')
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
-def _figure_attention_change(records, path: Path) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    heads = list(records[0]["attention"])
-    for head in heads:
-        axes[0].plot(_steps(records), [r["attention"][head]["to_a"] for r in records], "o-", label=f"{head} → a")
-        changes = [(r["step"], r["attention"][head]["change"]) for r in records[1:]]
-        axes[1].plot([s for s, _ in changes], [c for _, c in changes], "o-", label=head)
-    axes[0].set(xlabel="step", ylabel='mean attention "=" → a', title="Attention to a per head", ylim=(0, 1))
-    axes[1].set(xlabel="step", ylabel="mean |Δ pattern|", title="Attention change since previous checkpoint")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _figure_activations(records, path: Path) -> str:
-    hooks = list(records[-1]["activations"])
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
-    for ax, stat in zip(axes.flat, ("mean", "std", "sparsity", "norm")):
-        for hook in hooks:
-            ax.plot(_steps(records), [r["activations"].get(hook, {}).get(stat, float("nan")) for r in records],
-                    "o-", markersize=3, label=hook)
-        ax.set(xlabel="step", ylabel=stat, title=f"Activation {stat} per hook")
-    axes[0][1].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return _save(fig, path)
-
-
-def _figure_gradients(records, path: Path) -> str:
-    names = list(records[0]["gradients"])
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
-    for name in names:
-        axes[0].plot(_steps(records), [r["gradients"][name]["grad_norm"] for r in records], "o-", markersize=3,
-                     label=name)
-        axes[1].plot(_steps(records), [r["gradients"][name]["ratio"] for r in records], "o-", markersize=3,
-                     label=name)
-    axes[0].set(yscale="log", xlabel="step", ylabel="‖∇W‖", title="Gradient norm per parameter (training batch)")
-    axes[1].set(yscale="log", xlabel="step", ylabel="‖∇W‖ / ‖W‖", title="Gradient / parameter norm ratio")
-    axes[1].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return _save(fig, path)
-
-
-def _figure_weights(records, path: Path) -> str:
-    names = list(records[0]["weights"]["norms"])
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
-    for name in names:
-        axes[0].plot(_steps(records), [r["weights"]["norms"][name] for r in records], "o-", markersize=3, label=name)
-    axes[0].plot(_steps(records), [r["weights"]["total_norm"] for r in records], "k-", linewidth=2, label="total")
-    axes[0].set(xlabel="step", ylabel="‖W‖₂", title="Weight norms")
-    axes[0].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
-    changes = [(r["step"], r["weight_relative_change"]) for r in records[1:]]
-    axes[1].plot([s for s, _ in changes], [c for _, c in changes], "o-")
-    axes[1].set(xlabel="step", ylabel="‖θ_t − θ_prev‖ / ‖θ_prev‖", title="Relative weight change between checkpoints")
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------- compare
-def compare_figure(runs: Mapping[str, History], out_path: Path, progress: Mapping[str, dict] | None = None,
-                   metrics: tuple[str, ...] = ("train_loss", "test_loss", "test_acc"),
-                   title: str | None = None) -> Path:
-    """Learning curves of several runs on shared axes (one panel per metric), and, when ``progress`` maps a
-    run name to its ``analyze_checkpoints`` summary, its restricted/excluded loss, Gini and weight norm."""
-    out_path = Path(out_path)
-    panels = list(metrics) + (["restricted_loss", "excluded_loss", "gini_embedding", "total_weight_norm"]
-                              if progress else [])
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
-    colors = {name: f"C{i}" for i, name in enumerate(list(runs) + [n for n in (progress or {}) if n not in runs])}
-    for ax, panel in zip(axes.flat, panels):
-        if panel in metrics:
-            for name, history in runs.items():
-                points = [(s, m[panel]) for s, m in history if m.get(panel) is not None]
-                ax.plot([s for s, _ in points], [v for _, v in points], color=colors[name], label=name)
-        else:
-            for name, summary in (progress or {}).items():
-                records = summary.get("checkpoints", [])
-                ax.plot([r["step"] for r in records], [r.get(panel) for r in records], "o-", markersize=3,
-                        color=colors[name], label=name)
-        if panel.endswith("loss"):
-            ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel=panel.replace("_", " "), title=panel.replace("_", " "))
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+def _phases(events: list[dict], source: str) -> dict:
+    """The phase boundaries found, whether they come in the paper's order, and the paper's for comparison."""
+    steps = {e["event"]: e["step"] for e in events}
+    m, c, k, g, e = (steps.get(name) for name in PHASE_EVENTS)
+    in_order = None if None in (m, c, k, g, e) else m < c <= k <= e and c < g <= e
+    return {"source": source, "rule": GrokDetector().rule, **{name: steps.get(name) for name in PHASE_EVENTS},
+            "order": "memorization < circuit_formation <= cleanup <= cleanup_end, circuit_formation < "
+                     "generalization <= cleanup_end", "in_order": in_order, "paper": PAPER_PHASES}

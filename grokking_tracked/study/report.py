@@ -49,11 +49,33 @@ def finalize(study: optuna.Study, spec: StudySpec, parent: TrackedRun, grace: in
             tags[BEST_RUN_TAG] = best.user_attrs[RUN_ID_ATTR]
         parent.set_tags(tags)
     _log_figures(study, spec, parent, complete)
+    _log_onset_quality(study, parent)
     try:
         parent.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
     except Exception:  # noqa: BLE001 - the table is a convenience; the trials are in the storage
         pass
     return summary
+
+
+def _log_onset_quality(study: optuna.Study, parent: TrackedRun) -> None:
+    """How far the early warning (onset) can be trusted over this study's finished trials: lead time before
+    generalisation, false alarms, misses -- a table and a figure on the parent run."""
+    from ..analysis.detection import onset_quality, onset_quality_figure
+
+    runs = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        events = trial.user_attrs.get("events")
+        if events is not None:
+            runs[f"trial {trial.number}"] = events
+    if not runs:
+        return
+    quality = onset_quality(runs)
+    parent.log_text(quality.to_frame().to_csv(index=False), "detection/onset_quality.csv")
+    parent.log_dict(quality.summary, "detection/onset_quality.json")
+    parent.log_figure(onset_quality_figure(quality, f"study {study.study_name}: the onset warning over "
+                                                    f"{len(runs)} trials"), "detection/onset_quality.png")
+    parent.log_values({f"onset_{key}": value for key, value in quality.summary.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)}, len(runs))
 
 
 def _optuna_figure(result):

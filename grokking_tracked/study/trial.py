@@ -178,7 +178,8 @@ def trial_value(trial: optuna.Trial, spec: StudySpec, config: Config, result: Tr
                 seconds_to_generalize: float | None):
     """The objective value of a finished training (penalty if it did not generalize); records user attrs."""
     gen = result.step_of("generalization")
-    for key, value in (("generalized", gen is not None), ("generalization_step", gen),
+    events = [{"event": e["event"], "step": e["step"]} for e in result.events]
+    for key, value in (("generalized", gen is not None), ("generalization_step", gen), ("events", events),
                        ("memorization_step", result.step_of("memorization")), ("final_step", result.final_step),
                        ("train_seconds", round(result.train_seconds, 3))):
         trial.set_user_attr(key, value)

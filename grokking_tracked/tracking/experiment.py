@@ -14,7 +14,9 @@ from ..train import Callback, Trainer, TrainResult, check_runnable
 from .fetch import RunArtifacts, complete_steps, fetch_history
 from .provenance import command_line, versions
 from .runs import CONFIG_ARTIFACT, TrackedRun, check_reopenable
-from .store import DEFAULT_EXPERIMENT, connect, is_remote
+from .store import DEFAULT_EXPERIMENT, TrackingError, connect, is_remote
+
+IMPORTED_TAG = "grokking_tracked.imported_from"  # tracking/importing.py sets it
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `grokking-tracked ui` serves a local store
 
@@ -89,7 +91,10 @@ def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bo
     longer with a larger ``max_steps``: MLflow params are immutable, so the new budget goes to config.json and
     a tag). A run another live process is writing is refused unless ``force``."""
     client = connect(tracking_uri)
-    check_reopenable(client, run_id, force=force)  # a killed writer's spool is delivered before we read
+    run = check_reopenable(client, run_id, force=force)  # a killed writer's spool is delivered before we read
+    if IMPORTED_TAG in run.data.tags:
+        raise TrackingError(f"run {run_id} was imported from {run.data.tags[IMPORTED_TAG]}: its checkpoints carry no "
+                            "optimizer state to resume from")
     artifacts = RunArtifacts(client, run_id)
     with tempfile.TemporaryDirectory(prefix="grokking-resume-") as scratch:
         config = artifacts.config(scratch)

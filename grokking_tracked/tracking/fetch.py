@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from ..analysis.checkpoints import CheckpointError, load_checkpoint
 from ..config import Config
 from ..metrics import EVAL_METRICS
-from .runs import CONFIG_ARTIFACT
+from .runs import CONFIG_ARTIFACT, EVENTS_ARTIFACT
 from .store import TrackingError, check_artifact_location, get_run
 from .tracker import CHECKPOINT_DIR
 
@@ -79,6 +79,16 @@ class RunArtifacts:
         except ValueError as exc:
             raise TrackingError(f"run {self.run_id} has an unusable {CONFIG_ARTIFACT}: "
                                 f"{str(exc).splitlines()[0]}") from None
+
+    def events(self, scratch: str | Path) -> list[dict] | None:
+        """The run's events.json (None if it has none, e.g. an imported run)."""
+        if not any(info.path == EVENTS_ARTIFACT for info in self.list()):
+            return None
+        try:
+            events = json.loads(self.download(EVENTS_ARTIFACT, Path(scratch) / "events").read_text())
+        except ValueError:
+            return None
+        return events if isinstance(events, list) else None
 
     def newest_loadable_checkpoint(self, scratch: str | Path) -> dict:
         """The newest checkpoint that loads (a kill mid-upload can leave the last one truncated), weights_only."""

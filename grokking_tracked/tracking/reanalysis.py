@@ -35,6 +35,17 @@ def latest_analysis(artifacts: RunArtifacts) -> str | None:
     return None
 
 
+def _log_step_images(client, run_id: str, directory: Path) -> None:
+    """Per-checkpoint snapshots as MLflow images with a step (``images/`` in the run), so the UI's step slider
+    shows how attention and the Fourier spectrum change over training."""
+    from PIL import Image
+
+    for path in sorted(directory.glob("*_step_*.png")):
+        key, _, step = path.stem.rpartition("_step_")
+        with Image.open(path) as image:
+            client.log_image(run_id, image.convert("RGB"), key=key, step=int(step), synchronous=True)
+
+
 def _next_analysis_number(artifacts: RunArtifacts) -> int:
     numbers = [int(info.path.rsplit("/", 1)[-1]) for info in artifacts.list(ANALYSIS_DIR)
                if info.is_dir and info.path.rsplit("/", 1)[-1].isdigit()]
@@ -60,11 +71,14 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path
             raise TrackingError(f"run {run_id} has no checkpoints to analyse")
         local = [(step, artifacts.download(path, scratch / "download")) for step, path in checkpoints]
         out_dir = scratch / ANALYSIS_DIR
+        events = artifacts.events(scratch)
+        step_images = scratch / "steps"
         summary = analyze_checkpoints(local, out_dir, history=fetch_history(client, run_id), progress=progress,
-                                      expected_config=config)
+                                      expected_config=config, events=events, step_images=step_images)
         number = _next_analysis_number(artifacts)
         summary["analysis_path"] = f"{ANALYSIS_DIR}/{number}"
         artifacts.upload_directory(out_dir, f"{ANALYSIS_DIR}/{number}")
+        _log_step_images(client, run_id, step_images)
         fourier = summary["fourier"]
         provenance = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(),
                       "versions": versions(), "checkpoints": len(checkpoints)}
@@ -73,7 +87,9 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path
             RunTag(LATEST_ANALYSIS_TAG, str(number)),
             RunTag("analysis.key_frequencies", json.dumps(fourier["key_frequencies"])),
             RunTag("analysis.restricted_loss_falls_before_test_loss",
-                   str(summary["restricted_loss_falls_before_test_loss"]["answer"]).lower())])
+                   str(summary["restricted_loss_falls_before_test_loss"]["answer"]).lower()),
+            RunTag("analysis.phases", json.dumps({k: v for k, v in summary.get("phases", {}).items()
+                                                  if k not in ("rule", "order", "paper", "source")}))])
         if output is not None:
             shutil.copytree(out_dir, Path(output), dirs_exist_ok=True)
     return summary

@@ -9,6 +9,7 @@ so every step appears exactly once.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from collections.abc import Iterable
@@ -23,6 +24,8 @@ from .provenance import DESCRIPTION_TAG, run_description, runtime_tags
 from .runs import EVENTS_ARTIFACT, TrackedRun, metrics_at
 
 CHECKPOINT_DIR = "checkpoints"
+KEY_FREQUENCIES_TAG = "grokking_tracked.key_frequencies"  # the live progress measures' current key frequencies
+KEY_FREQUENCIES_STEP_TAG = "grokking_tracked.key_frequencies_step"
 GROKKED_TAG = "grokked"
 FIGURES_DIR = "figures"
 
@@ -72,6 +75,11 @@ class MlflowTracker(Callback):
         if step in self.logged_steps:
             return
         self._buffer += metrics_at(metrics, step)
+        measures = getattr(state, "progress_measures", None)
+        if "n_key_frequencies" in metrics and measures is not None and measures.key_frequencies != self._key_frequencies:
+            self._key_frequencies = list(measures.key_frequencies)  # a tag, as they settle: a list is no metric
+            self.run.set_tags({KEY_FREQUENCIES_TAG: json.dumps(self._key_frequencies),
+                               KEY_FREQUENCIES_STEP_TAG: str(step)})
         self._buffer += metrics_at({f"{event['event']}_step": event["step"] for event in events}, step)
         if events or time.monotonic() - self._last_send >= self.flush_seconds:
             self._send()
