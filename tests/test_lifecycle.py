@@ -3,6 +3,7 @@ temp dir and an in-memory Optuna study."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import optuna
@@ -114,3 +115,18 @@ def test_run_experiment_leaves_the_process_as_it_found_it(tmp_path, monkeypatch)
     artifacts = store / "artifacts" / "grokking" / outcome.run_id / "artifacts"
     assert run.info.artifact_uri == artifacts.as_uri()
     assert (artifacts / "config.json").is_file() and (artifacts / "figures" / "learning_curves.png").is_file()
+
+
+def test_live_progress_measures_are_metrics_and_the_key_frequencies_a_tag(tmp_path):
+    """A run with progress_every logs Nanda's measures like any other metric, at the readings' steps, and the current
+    key frequencies as a tag."""
+    config = preset("default", p=23, d_model=32, d_mlp=64, train_frac=0.5, max_steps=60, eval_every=10,
+                    progress_every=20, checkpoint_every=0)
+    outcome = run_experiment(config, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for key in ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm",
+                "n_key_frequencies"):
+        assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == [0, 20, 40, 60], key
+    tags = client.get_run(outcome.run_id).data.tags
+    assert isinstance(json.loads(tags["grokking_tracked.key_frequencies"]), list)
+    assert int(tags["grokking_tracked.key_frequencies_step"]) in (0, 20, 40, 60)

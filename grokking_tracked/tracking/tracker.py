@@ -65,6 +65,7 @@ class MlflowTracker(Callback):
         self.log_figures = log_figures
         self.drawer = drawer
         self.flush_seconds = flush_seconds
+        self._key_frequencies: list[int] | None = None
         self._buffer: list[Metric] = []
         self._last_send = time.monotonic()
 
