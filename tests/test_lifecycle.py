@@ -49,6 +49,7 @@ RESULT = TrainResult(history=[], events=[{"event": "generalization", "step": 20}
 
 def test_an_open_trial_run_is_running_under_its_parent(client, context):
     trial, trial_run = open_trial(context)
+    assert trial_run.run.outbox.wait(60)  # params and tags travel through the run's outbox: read them once delivered
     status, tags = status_and_tags(client, trial_run.run.run_id)
     assert status == "RUNNING" and trial_run.state == "RUNNING"
     assert tags["optuna.trial_state"] == "RUNNING" and tags["optuna.trial_number"] == str(trial.number)

@@ -4,6 +4,8 @@ study, and let Optuna's heartbeats fail and retry the trials of a worker that di
 from __future__ import annotations
 
 import contextlib
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +18,7 @@ from .spec import StudyError, StudySpec, make_pruner, make_sampler
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_STORAGE_FILE = "optuna.db"  # beside the embedded MLflow store's database
+SCHEMA_RACE_ATTEMPTS = 5
 
 
 def redact(url: str) -> str:
@@ -57,13 +60,30 @@ def open_storage(url: str, spec: StudySpec,
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for the lock, not fail
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - driver errors of every kind become one line
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StudyError(f"cannot open the Optuna storage {redact(url)}: {message}") from None
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - driver errors of every kind become one line
+            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and _lost_schema_race(exc):
+                # Several invocations opening a fresh database at once all run Optuna's CREATE TABLEs; on
+                # PostgreSQL the losers fail with a duplicate key in pg_type. Once the winner has committed, a
+                # second attempt finds the tables and creates nothing (seen with 4 simultaneous `study` commands).
+                time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+                continue
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StudyError(f"cannot open the Optuna storage {redact(url)}: {message}") from None
+    raise AssertionError("unreachable")
+
+
+def _lost_schema_race(error: BaseException) -> bool:
+    """A concurrent creator of the same tables got there first (duplicate type/table/key, or 'already exists')."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    text = str(error).lower()
+    return isinstance(error, (IntegrityError, ProgrammingError, OperationalError)) and (
+        "duplicate" in text or "already exists" in text or "unique constraint" in text)
 
 
 def load_study(spec: StudySpec, storage, study_name: str) -> optuna.Study:
