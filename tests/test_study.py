@@ -83,10 +83,12 @@ def test_study_end_to_end_resume_and_pruning(tmp_path):
     study = optuna.load_study(study_name="tiny", storage=storage)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    for t in trials:  # 60 steps is too few to generalize: the documented penalty, 2 x budget
-        assert t.value == (t.user_attrs["generalization_step"] if t.user_attrs["generalized"] else 120.0)
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    for t in trials:  # the objective, from what the run measured: first step at >= 99 %, else 2 x the budget
+        general = [m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "test_acc")
+                   if m.value >= 0.99]
+        assert t.value == (general[0] if general else 120.0)
     parents, children = study_runs(client, "studies-test", "tiny")
     assert len(parents) == 1 and len(children) == 3
     parent = parents[0]
@@ -177,8 +179,12 @@ def test_two_workers_on_postgres(tmp_path, postgres_url, mlflow_server):
     # MaxTrialsCallback stops each worker after the trial that reaches N: at most workers - 1 extra.
     assert 3 <= len(finished) <= 4
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.number for t in trials}) == len(trials)
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
+    # (Whether both workers got a trial depends on how fast each started; tests/test_signals.py shows two
+    # workers training at once, synchronised on the storage.)
+    for t in trials:  # the documented objective, read from what the trial's run logged: first step at >= 99 %
+        general = [m.step for m in MlflowClient(mlflow_server).get_metric_history(t.user_attrs["mlflow_run_id"],
+                                                                                  "test_acc") if m.value >= 0.99]
+        assert t.value == (general[0] if general else 2.0 * 60)
     run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
     assert len(set(run_ids)) == len(trials)
 
@@ -200,29 +206,41 @@ def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_
             "--storage", postgres_url, "--tracking-uri", mlflow_server]
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **ENV}
     victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def victims_running_trial():
+        try:
+            study = optuna.load_study(study_name="killed", storage=postgres_url)
+        except KeyError:  # not created yet
+            return None
+        return next((t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs),
+                    None)
+
     try:
         deadline = time.time() + 180
         running = None
-        while time.time() < deadline and running is None:
-            time.sleep(1)
-            try:
-                study = optuna.load_study(study_name="killed", storage=postgres_url)
-            except KeyError:
-                continue
-            running = next((t for t in study.get_trials(states=(TrialState.RUNNING,))
-                            if "mlflow_run_id" in t.user_attrs), None)
-        assert running is not None, "the victim never started a trial"
-        victim.send_signal(signal.SIGKILL)  # mid-trial: its run is open, metrics are flowing
+        while running is None:  # freeze the victim, look at the storage, kill it only if it is mid-trial
+            assert time.time() < deadline and victim.poll() is None, "the victim never started a trial"
+            victim.send_signal(signal.SIGSTOP)
+            running = victims_running_trial()
+            if running is None:  # between trials (or not started): let it go on
+                victim.send_signal(signal.SIGCONT)
+                time.sleep(0.2)
+        victim.send_signal(signal.SIGKILL)  # mid-trial: its run is open, its trial RUNNING
         victim.wait(30)
     finally:
         if victim.poll() is None:
             victim.kill()
     # Nobody else runs trials: whatever is RUNNING now is the dead victim's (it may have finished one before).
     study = optuna.load_study(study_name="killed", storage=postgres_url)
-    orphans = study.get_trials(states=(TrialState.RUNNING,))
-    assert len(orphans) == 1
-    running = orphans[0]
-    time.sleep(3 + 2)  # past the grace period: the survivor's first look fails and re-queues it
+    assert [t.number for t in study.get_trials(states=(TrialState.RUNNING,))] == [running.number]
+    # Until its heartbeat is older than the grace period the trial is not stale (the storage's own judgement):
+    # a survivor starting earlier would leave it RUNNING. Wait for that state, not for a guessed delay.
+    judge = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=3)
+    study_id = judge.get_study_id_from_name("killed")
+    deadline = time.time() + 60
+    while running._trial_id not in judge._get_stale_trial_ids(study_id):
+        assert time.time() < deadline, "the killed worker's trial never became stale"
+        time.sleep(0.2)
     survivor = run_cli(*args[3:], cwd=tmp_path, env=ENV)
     assert survivor.returncode == 0, survivor.stderr[-2000:]
 
