@@ -57,12 +57,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """URI of a real `mlflow server` (SQLite backend, proxied artifacts) in a temp dir."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def _start_mlflow_server(root: Path, attempt: int):
+    """One try: a server on a port that was free a moment ago. Another process may take the port in between
+    (mlflow server cannot be handed a bound socket): returns None when that happened, so the caller retries."""
     port = free_port()
-    log = open(root / "server.log", "w")
+    log_path = root / f"server-{attempt}.log"
+    log = open(log_path, "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
@@ -72,16 +72,49 @@ def mlflow_server(tmp_path_factory) -> str:
     deadline = time.time() + 180
     while time.time() < deadline:
         if process.poll() is not None:
-            unavailable(f"mlflow server exited early: {(root / 'server.log').read_text()[-500:]}")
+            log.close()
+            text = log_path.read_text()
+            if "address already in use" in text.lower() or "errno 98" in text.lower():
+                return None
+            unavailable(f"mlflow server exited early: {text[-500:]}")
         try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
+            if requests.get(f"{uri}/health", timeout=2).ok and _serves_our_store(uri, root):
+                return process, uri, log
         except requests.RequestException:
             pass
         time.sleep(0.5)
+    process.kill()
+    log.close()
+    unavailable("mlflow server did not answer /health within 180 s")
+
+
+def _serves_our_store(uri: str, root: Path) -> bool:
+    """Whoever answers on the port writes into our database (not a server of another session that took it)."""
+    import sqlite3
+
+    name = f"conftest-probe-{uuid.uuid4().hex[:8]}"
+    response = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": name}, timeout=10)
+    if not response.ok or not (root / "mlflow.db").exists():
+        return False
+    with sqlite3.connect(root / "mlflow.db") as connection:
+        found = connection.execute("select count(*) from experiments where name = ?", (name,)).fetchone()[0]
+    if found:
+        requests.post(f"{uri}/api/2.0/mlflow/experiments/delete",
+                      json={"experiment_id": response.json()["experiment_id"]}, timeout=10)
+    return bool(found)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """URI of a real `mlflow server` (SQLite backend, proxied artifacts) in a temp dir."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    for attempt in range(3):
+        started = _start_mlflow_server(root, attempt)
+        if started is not None:
+            break
     else:
-        process.kill()
-        unavailable("mlflow server did not answer /health within 180 s")
+        unavailable("mlflow server: every port tried was taken before the server could bind it")
+    process, uri, log = started
     yield uri
     process.terminate()
     try:
@@ -89,6 +122,22 @@ def mlflow_server(tmp_path_factory) -> str:
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(autouse=True)
+def process_environment():
+    """What a test changes process-wide is undone after it: the environment (the CLI's ``configure_process`` sets
+    ``MLFLOW_HTTP_*`` for its process; a test calling ``main()`` in-process must not pass them on) and the
+    SIGTERM handler ``main()`` installs."""
+    import signal
+
+    environment = dict(os.environ)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    yield
+    if dict(os.environ) != environment:
+        os.environ.clear()
+        os.environ.update(environment)
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 @pytest.fixture

@@ -146,7 +146,9 @@ def test_cyclic_and_warmup_lr_schedules_change_the_logged_lr():
     lrs = [m["lr"] for _, m in cyclic.history]
     assert max(lrs) > min(lrs) * 5
     warm = Trainer(short(lr_schedule="warmup", warmup_steps=20), progress=False).train()
-    assert warm.history[1][1]["lr"] < warm.history[-1][1]["lr"] == pytest.approx(1e-2)
+    # linear from lr/20 to lr over 20 steps, then constant: the lr of the next step, logged at each evaluation
+    assert [m["lr"] for _, m in warm.history] == pytest.approx([1e-2 * (1 + 19 * min(s, 20) / 20) / 20
+                                                                for s, _ in warm.history])
 
 
 def test_plateau_schedule_lowers_lr_when_train_loss_stalls():
@@ -162,7 +164,7 @@ def test_weight_decay_schedule_values():
     assert weight_decay_at(cosine, 50) == pytest.approx(0.5)
     trainer = Trainer(config.replace(max_steps=10), progress=False)
     trainer.train()
-    assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(weight_decay_at(config, 9))
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.91)  # what step 9 used
 
 
 def test_checkpoint_round_trip_continues_identically():
@@ -180,4 +182,9 @@ def test_checkpoint_round_trip_continues_identically():
     second.history = list(first.history)
     resumed = second.train()
     assert [s for s, _ in resumed.history] == [s for s, _ in whole.history]
-    assert resumed.history[-1][1]["train_loss"] == pytest.approx(whole.history[-1][1]["train_loss"], rel=1e-6)
+    for (_, got), (_, expected) in zip(resumed.history, whole.history):
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    reference = Trainer(config, progress=False)
+    reference.train()
+    for (name, got), expected in zip(second.model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=name)

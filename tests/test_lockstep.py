@@ -39,9 +39,16 @@ def test_lockstep_equals_one_by_one(monkeypatch):
         for (name, p_got), (_, p_exp) in zip(lockstep.members[k].model.named_parameters(),
                                              alone.model.named_parameters()):
             torch.testing.assert_close(p_got, p_exp, rtol=1e-4, atol=1e-5, msg=f"model {k} {name}")
+        # a lockstep member's checkpoint is a Trainer checkpoint: resumed alone it goes on as the lone model does
         state = lockstep.state_dict(k)
         assert state.keys() == alone.state_dict().keys()
-        assert state["optimizer"]["param_groups"][0]["lr"] == config.lr
+        longer = config.replace(max_steps=60)
+        from_lockstep, from_alone = Trainer(longer, progress=False), Trainer(longer, progress=False)
+        from_lockstep.load_state_dict(state)
+        from_alone.load_state_dict(alone.state_dict())
+        from_lockstep.train(), from_alone.train()
+        for p_got, p_exp in zip(from_lockstep.model.parameters(), from_alone.model.parameters()):
+            torch.testing.assert_close(p_got, p_exp, rtol=1e-4, atol=1e-5, msg=f"model {k} resumed")
 
 
 def test_stop_one_model_leaves_the_others_running():

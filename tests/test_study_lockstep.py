@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_cli
+from grokking_tracked.study.spec import load_spec
+from grokking_tracked.study.trial import trial_config
+from grokking_tracked.train import Trainer
 from test_study import ENV, study_runs, write_spec
 
 optuna = pytest.importorskip("optuna")
@@ -13,8 +16,9 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 
-def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path):
-    """6 trials as two batches of 3; a pruner that prunes some trials mid-batch while the others go on."""
+def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path, monkeypatch):
+    """6 trials as two batches of 3; a pruner that prunes some trials mid-batch while the others go on. Each
+    trial's value and logged history equal the same trial trained one by one."""
     spec = write_spec(tmp_path, "lock", max_steps=200,
                       pruner='name = "median"\nn_startup_trials = 3\nn_warmup_steps = 0\nreport_every = 20')
     done = run_cli("study", str(spec), "--lockstep", "3", "--n-trials", "6", "--no-progress", cwd=tmp_path, env=ENV)
@@ -28,8 +32,6 @@ def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in trials[:3])  # the pruner's startup trials
     assert any(t.state == TrialState.PRUNED for t in trials)  # stopped in the stack while the others went on
     for t in trials:
-        if t.state == TrialState.COMPLETE:  # the same objective as one by one: steps, or 2 x budget
-            assert t.value == (t.user_attrs["generalization_step"] if t.user_attrs["generalized"] else 400.0)
         assert t.intermediate_values and min(t.intermediate_values) == 20
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -37,6 +39,20 @@ def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     assert len(children) == 6
+
+    # The same trials one by one (Trainer, autograd as lockstep uses: tests/test_lockstep.py): the same logged
+    # history up to where each stopped, and for the completed ones the same objective value.
+    monkeypatch.setenv("GROKKING_FASTPATH", "0")
+    spec_obj = load_spec(spec)
+    for t in trials:
+        alone = Trainer(trial_config(spec_obj, optuna.trial.FixedTrial(t.params)), progress=False).train()
+        logged = client.get_metric_history(t.user_attrs["mlflow_run_id"], "test_acc")
+        expected = [(s, m["test_acc"]) for s, m in alone.history if s <= logged[-1].step]
+        assert [m.step for m in logged] == [s for s, _ in expected], t.number
+        assert [m.value for m in logged] == pytest.approx([v for _, v in expected], abs=2e-3), t.number
+        if t.state == TrialState.COMPLETE:  # steps to generalise, or the penalty 2 x budget
+            gen = alone.step_of("generalization")
+            assert t.value == (gen if gen is not None else 400.0), t.number
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [t.number for t in trials]
     by_run = {r.info.run_id: r for r in children}
     for t in trials:
