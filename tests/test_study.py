@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -235,7 +236,9 @@ def test_sigkilled_worker_trial_is_failed_retried_and_closed(tmp_path, postgres_
     assert [t.number for t in study.get_trials(states=(TrialState.RUNNING,))] == [running.number]
     # Until its heartbeat is older than the grace period the trial is not stale (the storage's own judgement):
     # a survivor starting earlier would leave it RUNNING. Wait for that state, not for a guessed delay.
-    judge = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        judge = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=3)
     study_id = judge.get_study_id_from_name("killed")
     deadline = time.time() + 60
     while running._trial_id not in judge._get_stale_trial_ids(study_id):
