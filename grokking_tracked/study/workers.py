@@ -121,6 +121,9 @@ def worker_main(settings: StudySettings) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C reaches the whole process group; the parent answers it by terminating us (SIGTERM). Reacting to
+    # both, a worker was interrupted while still failing its trial, leaving it RUNNING.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if settings.visible_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.visible_device  # before the first CUDA call
     optuna.logging.set_verbosity(optuna.logging.WARNING)
