@@ -86,15 +86,18 @@ class TrialLine:
 def optimize(settings: StudySettings, client=None, echo=print) -> None:
     """One worker: run trials of the shared study until ``settings.n_trials`` have finished."""
     spec = load_spec(settings.spec_path)
+    drawer = FigureDrawer()
+    drawer.start()  # its imports overlap with opening the stores and the first trial
     client = client or connect(settings.tracking_uri)
     storage = open_storage(settings.storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
         client, trial, "heartbeat stale: its worker stopped"))
     study = load_study(spec, storage, settings.study_name)
     sweep_stale_trials(study)
     if count_finished(study) >= settings.n_trials:
+        drawer.close()
         return
     context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
-                           progress=settings.progress, threads=settings.threads, drawer=FigureDrawer())
+                           progress=settings.progress, threads=settings.threads, drawer=drawer)
     guard = FailureGuard()
     try:
         if settings.lockstep > 1:
