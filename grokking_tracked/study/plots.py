@@ -67,7 +67,10 @@ def tidy(fig, title: str | None = None, min_size: tuple[float, float] = (9, 5.5)
         fig.suptitle(title, fontsize=11)
     elif fig._suptitle is not None:
         fig._suptitle.set_fontsize(11)
-    fig.set_layout_engine("constrained")  # colour bars made with ``ax=`` keep their own place beside the panels
+    # Colour bars made with ``ax=`` over several panels keep their own place beside them in a constrained layout;
+    # one made beside a single panel sits in a gridspec slot of its own, which only a tight layout can lay out.
+    in_gridspec = any(_colorbar_of(ax) is not None and ax.get_subplotspec() is not None for ax in fig.axes)
+    fig.set_layout_engine("tight" if in_gridspec else "constrained")
     return fig
 
 
