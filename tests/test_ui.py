@@ -154,3 +154,21 @@ def test_a_run_page_shows_its_dataset_and_source(ui, store, tmp_path):
     assert re.search(r"Datasets .*" + re.escape(dataset), text), text[:3000]
     assert dataset.startswith("add_mod_23/"), dataset
     assert re.search(r"Source " + re.escape(source), text), text[:3000]
+
+
+def test_the_study_links_each_trial_to_its_run_page_and_names_its_objective(ui, store, tmp_path):
+    """What optuna-dashboard shows (metric names, the trial's run link) was written by the real study, and the
+    link, moved to the port `ui` serves on, opens the trial's run page."""
+    import optuna
+
+    from grokking_tracked.study.dashboard import RUN_URL_ATTR
+
+    root, _, _, _ = store
+    study = optuna.load_study(study_name="ui_study", storage=f"sqlite:///{root}/mlruns/optuna.db")
+    assert study.metric_names == ["steps_to_generalize"]
+    (trial,) = study.trials
+    link = trial.user_attrs[RUN_URL_ATTR]
+    assert link.startswith("http://127.0.0.1:5000/#/experiments/") and link.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}")
+    url = ui.split("#", 1)[0] + "#" + link.split("#", 1)[1]  # the test's server is on a free port, not 5000
+    text = rendered(chromium(), url, tmp_path / "profile", "ui_study #0")
+    assert "ui_study #0" in text, text[:2000]
