@@ -37,7 +37,8 @@ def _restyle_axes(ax) -> None:
     ax.tick_params(colors=EDGE, labelcolor="black", labelsize=8)
     ax.xaxis.label.set_fontsize(9)
     ax.yaxis.label.set_fontsize(9)
-    ax.title.set_fontsize(10)
+    for title in (ax.title, ax._left_title, ax._right_title):
+        title.set_fontsize(10)
     for axis in (ax.xaxis, ax.yaxis):
         if axis.get_scale() == "log":
             figures.log_ticks(axis)
@@ -87,3 +88,9 @@ def _name_empty_diagonal(axes) -> None:
         ax.set_facecolor("#f4f4f4")
         ax.text(0.5, 0.5, ax.get_xlabel(), transform=ax.transAxes, ha="center", va="center", fontsize=11,
                 color=EDGE)
+
+
+def relabel(result, ylabel: str):
+    """Name what optuna's single-panel figure plots on its y axis (e.g. the pruning metric); returns ``result``."""
+    result.set_ylabel(ylabel)
+    return result

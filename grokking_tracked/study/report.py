@@ -121,7 +121,8 @@ def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, compl
         if len(names) >= 2 and len(complete) >= 2:
             log("contour", lambda: ovm.plot_contour(study, params=names[:3], target_name=target))
         if spec.pruner != "none":
-            log("intermediate_values", lambda: ovm.plot_intermediate_values(study))  # values: spec.prune_metric
+            log("intermediate_values", lambda: plots.relabel(ovm.plot_intermediate_values(study),
+                                                             f"{spec.prune_metric} (reported to the pruner)"))
     if "train_frac" in names:
         log("steps_vs_train_frac", lambda: train_frac_figure(study), from_optuna=False)
     if not multi:
