@@ -201,10 +201,9 @@ def best_vs_baseline_figure(study: optuna.Study, spec: StudySpec, parent: Tracke
         ax.legend()
     base = spec.base_config()
     if baseline is None:
-        fig.text(0.5, 0.005, f"no FINISHED `{preset_name}` run of {base.operation} mod {base.p} in this store "
-                             f"(train one: grokking-tracked run --preset {preset_name} --p {base.p} --operation "
-                             f"{base.operation}); only the best trial is shown",
-                 ha="center", fontsize=8, color=figures.SPLIT_COLORS["test"])
+        fig.supxlabel(f"no FINISHED `{preset_name}` run of {base.operation} mod {base.p} in this store "
+                      f"(train one: grokking-tracked run --preset {preset_name} --p {base.p} --operation "
+                      f"{base.operation}); only the best trial is shown", fontsize=8, color=figures.SPLIT_COLORS["test"])
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     fig.suptitle(f"study {study.study_name}: best trial {best.number} ({params}) vs `{preset_name}` preset",
                  fontsize=10)
