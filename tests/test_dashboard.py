@@ -67,7 +67,8 @@ def test_the_dashboard_names_the_objective_and_links_the_parent_run_and_each_tri
     assert shown["objective_names"] == ["steps_to_generalize"]
     attrs = {a["key"]: a["value"] for a in shown["user_attrs"]}
     assert attrs[PARENT_RUN_URL_ATTR] == PARENT_URL
-    assert attrs[INTERMEDIATE_VALUES_ATTR].startswith("test_loss") and "every 25 steps" in attrs[INTERMEDIATE_VALUES_ATTR]
+    assert attrs[INTERMEDIATE_VALUES_ATTR].startswith("test_loss")
+    assert "every 25 steps" in attrs[INTERMEDIATE_VALUES_ATTR]
     assert f"[parent0123]({PARENT_URL})" in shown["note"]["body"]  # Markdown: a link the dashboard opens
     assert shown["note"]["version"] == 1  # a second invocation joining the study does not rewrite the same note
     (served,) = shown["trials"]

@@ -47,7 +47,9 @@ name = "none"
 """
 
 
-def chromium() -> str:
+@pytest.fixture(scope="module")
+def browser() -> str:
+    """Debian's chromium; asked for first, so a machine without it skips before the store is made."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         unavailable("no `chromium` on PATH (apt-get install -y chromium): the UI test needs a real browser")
@@ -130,20 +132,18 @@ def ui(store):
         server.stderr.close()
 
 
-def test_the_runs_view_ui_prints_shows_the_run_and_the_study(ui, store, tmp_path):
-    browser = chromium()
+def test_the_runs_view_ui_prints_shows_the_run_and_the_study(browser, ui, store, tmp_path):
     assert ui.endswith("/runs?workflowType=machine_learning"), ui
     text = rendered(browser, ui, tmp_path / "profile", "ui-check-run", "study-ui_study")
     assert "ui-check-run" in text, text[:2000]
     assert "study-ui_study" in text, text[:2000]  # the study's parent run, its trial nested under it
 
 
-def test_a_run_page_shows_its_dataset_and_source(ui, store, tmp_path):
+def test_a_run_page_shows_its_dataset_and_source(browser, ui, store, tmp_path):
     from mlflow import MlflowClient
 
     from grokking_tracked.tracking.provenance import split_name
 
-    browser = chromium()
     _, uri, outcome, config = store
     run = MlflowClient(uri).get_run(outcome.run_id)
     source = Path(run.data.tags["mlflow.source.name"]).name  # the UI shows the file name of the source
@@ -156,7 +156,7 @@ def test_a_run_page_shows_its_dataset_and_source(ui, store, tmp_path):
     assert re.search(r"Source " + re.escape(source), text), text[:3000]
 
 
-def test_the_study_links_each_trial_to_its_run_page_and_names_its_objective(ui, store, tmp_path):
+def test_the_study_links_each_trial_to_its_run_page_and_names_its_objective(browser, ui, store, tmp_path):
     """What optuna-dashboard shows (metric names, the trial's run link) was written by the real study, and the
     link, moved to the port `ui` serves on, opens the trial's run page."""
     import optuna
@@ -168,7 +168,8 @@ def test_the_study_links_each_trial_to_its_run_page_and_names_its_objective(ui, 
     assert study.metric_names == ["steps_to_generalize"]
     (trial,) = study.trials
     link = trial.user_attrs[RUN_URL_ATTR]
-    assert link.startswith("http://127.0.0.1:5000/#/experiments/") and link.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}")
+    assert link.startswith("http://127.0.0.1:5000/#/experiments/")
+    assert link.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}")
     url = ui.split("#", 1)[0] + "#" + link.split("#", 1)[1]  # the test's server is on a free port, not 5000
-    text = rendered(chromium(), url, tmp_path / "profile", "ui_study #0")
+    text = rendered(browser, url, tmp_path / "profile", "ui_study #0")
     assert "ui_study #0" in text, text[:2000]
