@@ -63,7 +63,8 @@ def intermediate_values_meaning(spec: StudySpec) -> str:
 def annotate_study(study: optuna.Study, spec: StudySpec, parent_run_id: str, parent_url: str | None,
                    runs_url: str | None = None) -> None:
     """Name the objectives and the intermediate values, and link the MLflow parent run (a user attr and the
-    study's dashboard note). Idempotent: every invocation joining the study may call it."""
+    study's dashboard note). Idempotent: every invocation joining the study may call it (Optuna's RDB storage
+    ignores the duplicate insert of invocations starting together: they write the same values)."""
     if study.metric_names != metric_names(spec):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
