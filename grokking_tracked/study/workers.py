@@ -23,6 +23,7 @@ from ..tracking.tracker import FigureDrawer
 from ..train import check_runnable
 from ..tracking.experiment import LOCAL_UI
 from ..tracking.store import connect, is_remote, quote_filter_value, resolve_tracking_uri, runs_view_url
+from .dashboard import annotate_study, run_page_url, ui_base
 from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec
@@ -53,6 +54,7 @@ class StudySettings:
     threads: int | None = None
     lockstep: int = 1
     visible_device: str | None = None  # CUDA_VISIBLE_DEVICES of a worker that owns one GPU
+    system_metrics: bool = False  # MLflow's system-metrics sampler on every trial's run
 
 
 class FailureGuard:
@@ -97,7 +99,8 @@ def optimize(settings: StudySettings, client=None, echo=print) -> None:
         drawer.close()
         return
     context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
-                           progress=settings.progress, threads=settings.threads, drawer=drawer)
+                           progress=settings.progress, threads=settings.threads, drawer=drawer,
+                           system_metrics=settings.system_metrics)
     guard = FailureGuard()
     try:
         if settings.lockstep > 1:
@@ -181,7 +184,7 @@ def open_parent_run(client, experiment: str, study: optuna.Study, spec: StudySpe
 def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
               study_name: str | None = None, workers: int | str = "auto", tracking_uri: str | None = None,
               experiment: str | None = None, progress: bool = True, lockstep: int | None = None,
-              echo=print) -> dict:
+              system_metrics: bool = False, echo=print) -> dict:
     """Run (or resume, or join) a study; returns a summary dict."""
     spec = load_spec(spec_path)
     if n_trials is not None and n_trials < 0:
@@ -194,6 +197,8 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
         raise StudyError(f"--lockstep must be >= 1 (trials trained together; 1 = one at a time), got {lockstep}")
     if lockstep > 1:
         check_lockstep_spec(spec)
+        if system_metrics:
+            raise StudyError("--system-metrics samples one process per run: not with --lockstep (K runs, one process)")
     n_workers, visible = resolve_workers(workers, spec, lockstep)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     experiment = experiment or spec.experiment
@@ -205,11 +210,13 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
         client, trial, "heartbeat stale: its worker stopped"))
     study = load_study(spec, rdb, study_name)
     with open_parent_run(client, experiment, study, spec, storage) as parent:
+        annotate_study(study, spec, parent.run_id, run_page_url(tracking_uri, parent.experiment_id, parent.run_id),
+                       runs_view_url(client, parent.experiment_id, ui_base(tracking_uri)))
         echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent.run_id} "
              f"in experiment {experiment!r}; {count_finished(study)}/{n_trials} trials finished")
         settings = StudySettings(str(Path(spec_path).resolve()), n_trials, storage, study_name, tracking_uri,
                                  experiment, parent.run_id, timeout, progress=progress and n_workers == 1,
-                                 lockstep=lockstep)
+                                 lockstep=lockstep, system_metrics=system_metrics)
         if n_trials > count_finished(study):
             if n_workers == 1:
                 optimize(settings, client=client, echo=echo)
