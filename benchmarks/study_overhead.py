@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -61,21 +62,28 @@ def training_seconds(directory: Path) -> float:
     return sum(float(value) for (value,) in rows)
 
 
-def time_study(tree: Path, n_trials: int) -> tuple[float, float]:
-    """(wall seconds of the whole command, seconds of training inside it) in a fresh directory."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_study(tree: Path, n_trials: int) -> tuple[float, float, float]:
+    """(wall seconds of the whole command, seconds of training inside it, CPU seconds of the command and every
+    process it waited for) in a fresh directory. CPU seconds are what to compare on a loaded machine: wall time
+    there measures the other jobs as much as ours."""
     with tempfile.TemporaryDirectory(prefix="study-overhead-") as scratch:
         directory = Path(scratch)
         (directory / "spec.toml").write_text(SPEC)
         env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
                "PYTHONPATH": str(tree), "GROKKING_TORCH_THREADS": "1"}
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), children_cpu()
         done = subprocess.run([sys.executable, "-m", "grokking_tracked", "study", "spec.toml", "--n-trials",
                                str(n_trials), "--workers", "1", "--no-progress"], cwd=directory, env=env,
                               capture_output=True, text=True)
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, children_cpu() - cpu_before
         if done.returncode != 0:
             raise SystemExit(f"{tree}: study failed: {done.stderr[-1500:]}")
-        return wall, training_seconds(directory)
+        return wall, training_seconds(directory), cpu
 
 
 def main() -> None:
@@ -86,21 +94,27 @@ def main() -> None:
     args = parser.parse_args()
     trees = [tree.resolve() for tree in (args.tree or [Path(__file__).resolve().parents[1]])]
     print("machine:", describe())
-    results: dict[Path, list[tuple[float, float]]] = {tree: [] for tree in trees}
+    results: dict[Path, list[tuple[float, float, float, float]]] = {tree: [] for tree in trees}
     for round_number in range(args.rounds):
         order = trees if round_number % 2 == 0 else trees[::-1]
         for tree in order:
-            one_wall, one_train = time_study(tree, 1)
-            many_wall, many_train = time_study(tree, args.trials)
+            one_wall, one_train, one_cpu = time_study(tree, 1)
+            many_wall, many_train, many_cpu = time_study(tree, args.trials)
             per_trial = ((many_wall - one_wall) - (many_train - one_train)) / (args.trials - 1)
             fixed = one_wall - one_train - per_trial
-            results[tree].append((per_trial, fixed))
-            print(f"  round {round_number + 1} {tree}: 1 trial {one_wall:.1f} s, {args.trials} trials "
-                  f"{many_wall:.1f} s (training {many_train:.1f} s): bookkeeping {per_trial:.2f} s/trial, "
-                  f"fixed {fixed:.1f} s/study", flush=True)
+            # training runs on one thread, so its wall seconds approximate its CPU seconds
+            cpu_per_trial = ((many_cpu - one_cpu) - (many_train - one_train)) / (args.trials - 1)
+            cpu_fixed = one_cpu - one_train - cpu_per_trial
+            results[tree].append((per_trial, fixed, cpu_per_trial, cpu_fixed))
+            print(f"  round {round_number + 1} {tree}: 1 trial {one_wall:.1f} s ({one_cpu:.1f} CPU s), "
+                  f"{args.trials} trials {many_wall:.1f} s ({many_cpu:.1f} CPU s; training {many_train:.1f} s): "
+                  f"bookkeeping {per_trial:.2f} s/trial ({cpu_per_trial:.2f} CPU s), fixed {fixed:.1f} s/study "
+                  f"({cpu_fixed:.1f} CPU s)", flush=True)
     for tree, rows in results.items():
-        print(f"{tree}: per-trial bookkeeping {statistics.median(r[0] for r in rows):.2f} s (median of "
-              f"{len(rows)}), per-study fixed cost {statistics.median(r[1] for r in rows):.1f} s")
+        print(f"{tree}: per-trial bookkeeping {statistics.median(r[0] for r in rows):.2f} s wall, "
+              f"{statistics.median(r[2] for r in rows):.2f} CPU s; per-study fixed cost "
+              f"{statistics.median(r[1] for r in rows):.1f} s wall, {statistics.median(r[3] for r in rows):.1f} CPU s "
+              f"(medians of {len(rows)})")
     print("machine at the end:", describe())
 
 

@@ -3,7 +3,7 @@
 Notebook use mirrors the CLI::
 
     from grokking_tracked import preset, run_experiment
-    outcome = run_experiment(preset("default", lr=3e-3))
+    outcome = run_experiment(preset("default", train_frac=0.5))
     outcome.run_id, outcome.history_frame()
 
 Attributes load lazily so that ``grokking-tracked --help`` does not import torch or mlflow.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def colors(n: int) -> list:
     import seaborn as sns
 
     return list(sns.color_palette("husl", n))
+
+
+def log_ticks(axis) -> None:
+    """A few plainly labelled ticks on a log axis (1-2-5, 1-3 or decades by the span) and no minor labels:
+    matplotlib labels minor ticks when the span is under a decade, and ``1.45×10³ 1.5×10³`` collide."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.axes.autoscale_view()
+    low, high = sorted(axis.get_view_interval())
+    if not (low > 0 and high > low):
+        return
+    decades = math.log10(high / low)
+    subs = (1.0, 2.0, 5.0) if decades < 1.5 else (1.0, 3.0) if decades < 3 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:

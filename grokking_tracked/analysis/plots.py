@@ -200,7 +200,9 @@ def _small_multiples(records, names: list[str], value, stats: Sequence[str], log
             ax.set_title(f"{group}: {stat}" if row == 0 else stat, fontsize=10)
             if row == len(stats) - 1:
                 ax.set_xlabel("step")
-        axes[0][col].legend(loc="best", fontsize=7)
+        # the column's legend under its last panel, never over the lines (constrained layout makes room for it)
+        axes[-1][col].legend(*axes[0][col].get_legend_handles_labels(), loc="upper center",
+                             bbox_to_anchor=(0.5, -0.32), ncols=2, fontsize=7, handlelength=2.5)
     if title:
         fig.suptitle(title)
     return fig

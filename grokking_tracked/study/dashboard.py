@@ -1,4 +1,5 @@
-"""optuna-dashboard over a study's storage, on loopback."""
+"""optuna-dashboard over a study's storage, on loopback; and what the dashboard shows of a study: the objective's
+name, what the intermediate values are, a note linking the MLflow parent run, a link to each trial's run."""
 
 from __future__ import annotations
 
@@ -6,8 +7,98 @@ import warnings
 
 import optuna
 
-from .spec import StudyError
+from .spec import StudyError, StudySpec
 from .storage import redact
+
+# Study user attrs (shown by optuna-dashboard, read by anyone with the storage).
+PARENT_RUN_URL_ATTR = "mlflow_parent_run_url"
+INTERMEDIATE_VALUES_ATTR = "intermediate_values"
+# A trial user attr: the trial's run page in the MLflow UI.
+RUN_URL_ATTR = "mlflow_run_url"
+
+OBJECTIVE_NAMES = {"steps": ["steps_to_generalize"], "seconds": ["seconds_to_generalize"],
+                   "steps_vs_train_frac": ["steps_to_generalize", "train_frac"]}
+PRUNE_METRIC_MEANING = {"test_loss": "test loss", "test_error": "test error (1 - test accuracy)"}
+
+
+def metric_names(spec: StudySpec) -> list[str]:
+    """The objective values' names, in the order of ``spec.directions``."""
+    return OBJECTIVE_NAMES[spec.objective]
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of this store is: the tracking server itself, or ``grokking-tracked ui`` for a local
+    store."""
+    from ..tracking.experiment import LOCAL_UI
+    from ..tracking.store import is_remote
+
+    return tracking_uri if is_remote(tracking_uri) else LOCAL_UI
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI of this store."""
+    return f"{ui_base(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def link_trial_run(trial: optuna.Trial, tracking_uri: str, experiment_id: str, run_id: str) -> None:
+    """The trial's user attr with its run's page, and its dashboard note with the same link (clickable there)."""
+    url = run_page_url(tracking_uri, experiment_id, run_id)
+    trial.set_user_attr(RUN_URL_ATTR, url)
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_note(trial, f"[MLflow run {run_id}]({url})")  # the note is Markdown: a link the dashboard opens
+
+
+def intermediate_values_meaning(spec: StudySpec) -> str:
+    """What a trial reports as its intermediate values (Optuna has no API naming them: a study user attr)."""
+    if spec.pruner == "none":
+        return "none reported (no pruner)"
+    return f"{spec.prune_metric}: {PRUNE_METRIC_MEANING[spec.prune_metric]}, every {spec.report_every} steps"
+
+
+def annotate_study(study: optuna.Study, spec: StudySpec, parent_run_id: str, parent_url: str | None,
+                   runs_url: str | None = None) -> None:
+    """Name the objectives and the intermediate values, and link the MLflow parent run (a user attr and the
+    study's dashboard note). Idempotent: every invocation joining the study may call it (Optuna's RDB storage
+    ignores the duplicate insert of invocations starting together: they write the same values)."""
+    if study.metric_names != metric_names(spec):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names(spec))
+    attrs = {INTERMEDIATE_VALUES_ATTR: intermediate_values_meaning(spec)}
+    if parent_url:
+        attrs[PARENT_RUN_URL_ATTR] = parent_url
+    for key, value in attrs.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    note = study_note(study.study_name, spec, parent_run_id, parent_url, runs_url)
+    try:
+        from optuna_dashboard import get_note, save_note
+    except ImportError:  # the dashboard is an optional viewer; the user attrs above say the same
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if get_note(study) != note:
+            save_note(study, note)
+
+
+def study_note(study_name: str, spec: StudySpec, parent_run_id: str, parent_url: str | None,
+               runs_url: str | None) -> str:
+    """The study's note in optuna-dashboard (Markdown)."""
+    parent = f"[{parent_run_id}]({parent_url})" if parent_url else f"`{parent_run_id}`"
+    lines = [f"## {study_name}", "",
+             f"Every trial is an MLflow run nested under the study's parent run {parent} "
+             f"(trial user attr `{RUN_URL_ATTR}` links each).", "",
+             f"- objective: {', '.join(metric_names(spec))} (minimised)",
+             f"- intermediate values: {intermediate_values_meaning(spec)}",
+             f"- preset `{spec.preset}`, sampler {spec.sampler}, pruner {spec.pruner}"]
+    if runs_url:
+        lines.append(f"- all runs: [{runs_url}]({runs_url})")
+    return "\n".join(lines)
 
 
 def serve_dashboard(storage_url: str, port: int, echo=print) -> None:

@@ -10,6 +10,8 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import figures
+from . import plots
+from .dashboard import metric_names
 from ..tracking.fetch import fetch_history
 from ..tracking.runs import PRESET_TAG, ROLE_TAG, TrackedRun
 from ..tracking.store import quote_filter_value
@@ -78,13 +80,6 @@ def _log_onset_quality(study: optuna.Study, parent: TrackedRun) -> None:
                        if isinstance(value, (int, float)) and not isinstance(value, bool)}, len(runs))
 
 
-def _optuna_figure(result):
-    """The Figure behind what ``optuna.visualization.matplotlib`` returns (an Axes or an array of them)."""
-    if hasattr(result, "figure"):
-        return result.figure
-    return result.flat[0].figure
-
-
 def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, complete: list) -> None:
     from optuna.visualization import matplotlib as ovm
 
@@ -98,37 +93,36 @@ def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, compl
             parent.set_tags({FIGURE_SKIPPED_TAG.format(name=name):
                              str(exc).splitlines()[0][:250] if str(exc) else type(exc).__name__})
             return
-        figure = _optuna_figure(result) if from_optuna else result
-        if from_optuna:  # optuna draws through pyplot: size it, lay it out, and release it from pyplot afterwards
+        figure = plots.optuna_figure(result) if from_optuna else result
+        if from_optuna:  # optuna draws through pyplot in its own style: ours, readable; released from pyplot after
             import matplotlib.pyplot as plt
 
-            figure.set_size_inches(max(figure.get_size_inches()[0], 9), max(figure.get_size_inches()[1], 5.5))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # colour-bar axes of contour plots are not tight_layout-able
-                figure.tight_layout()
-            parent.log_figure(figure, f"figures/{name}.png")
+            parent.log_figure(plots.tidy(figure), f"figures/{name}.png")
             plt.close(figure)
         else:
             parent.log_figure(figure, f"figures/{name}.png")
 
     multi = len(spec.directions) > 1
     names = [p.name for p in spec.params]
+    target = metric_names(spec)[0].replace("_", " ")
     if not complete:
         parent.set_tags({FIGURE_SKIPPED_TAG.format(name="all"): "no completed trial yet"})
         return
     if multi:
-        log("pareto_front", lambda: ovm.plot_pareto_front(study, target_names=["steps to generalize", "train_frac"]))
+        log("pareto_front", lambda: ovm.plot_pareto_front(study, target_names=[n.replace("_", " ")
+                                                                              for n in metric_names(spec)]))
     else:
-        log("optimization_history", lambda: ovm.plot_optimization_history(study))
+        log("optimization_history", lambda: ovm.plot_optimization_history(study, target_name=target))
         if len(complete) >= 2:
             log("param_importances", lambda: ovm.plot_param_importances(study))
         else:
             parent.set_tags({FIGURE_SKIPPED_TAG.format(name="param_importances"): "needs >= 2 completed trials"})
-        log("slice", lambda: ovm.plot_slice(study))
+        log("slice", lambda: ovm.plot_slice(study, target_name=target))
         if len(names) >= 2 and len(complete) >= 2:
-            log("contour", lambda: ovm.plot_contour(study, params=names[:3]))
+            log("contour", lambda: ovm.plot_contour(study, params=names[:3], target_name=target))
         if spec.pruner != "none":
-            log("intermediate_values", lambda: ovm.plot_intermediate_values(study))
+            log("intermediate_values", lambda: plots.relabel(ovm.plot_intermediate_values(study),
+                                                             f"{spec.prune_metric} (reported to the pruner)"))
     if "train_frac" in names:
         log("steps_vs_train_frac", lambda: train_frac_figure(study), from_optuna=False)
     if not multi:
@@ -141,24 +135,28 @@ def train_frac_figure(study: optuna.Study):
     is a point coloured by its learning rate: trials differ in more than the fraction, so no line joins them."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "train_frac" in t.params]
     fig, ((ax,),) = figures.new_figure(1, 1, figsize=(7.5, 4.8))
-    generalized = [t for t in done if t.user_attrs.get("generalized")]
-    missed = [t for t in done if not t.user_attrs.get("generalized")]
-    varies = len({t.params.get("lr") for t in done}) > 1
-    if generalized:
-        points = ax.scatter([t.params["train_frac"] for t in generalized],
-                            [t.user_attrs["generalization_step"] for t in generalized],
-                            c=[t.params.get("lr", 0) for t in generalized] if varies else figures.SPLIT_COLORS["train"],
-                            norm="log" if varies else None, label="generalized (test acc ≥ threshold)")
-        if varies:
-            fig.colorbar(points, ax=ax, label="learning rate")
-    if missed:
-        budget = max(t.user_attrs.get("final_step") or 0 for t in done)
-        ax.scatter([t.params["train_frac"] for t in missed], [budget] * len(missed), marker="^",
-                   color=figures.SPLIT_COLORS["test"], label=f"not within the budget ({budget:,} steps)")
+    budget = max((t.user_attrs.get("final_step") or 0 for t in done), default=0)
+    rates = [t.params.get("lr") for t in done if t.params.get("lr")]
+    varies = len(set(rates)) > 1
+    points = None
+    for generalized, marker, label in ((True, "o", "generalized (test acc ≥ threshold)"),
+                                       (False, "^", f"not within the budget (drawn at {budget:,} steps)")):
+        group = [t for t in done if bool(t.user_attrs.get("generalized")) == generalized]
+        if not group:
+            continue
+        steps = [t.user_attrs["generalization_step"] if generalized else budget for t in group]
+        colour = dict(c=[t.params["lr"] for t in group], cmap="viridis", norm="log", vmin=min(rates),
+                      vmax=max(rates)) if varies else dict(color=figures.SPLIT_COLORS["train" if generalized else "test"])
+        points = ax.scatter([t.params["train_frac"] for t in group], steps, marker=marker, s=36,
+                            edgecolors="#444444", linewidths=0.5, label=label, **colour)
+    if varies and points is not None:
+        bar = fig.colorbar(points, ax=ax, label="learning rate (colour)")
+        figures.log_ticks(bar.ax.yaxis)
     ax.set_yscale("log")
+    figures.log_ticks(ax.yaxis)
     ax.set(xlabel="training fraction", ylabel="steps to generalize",
            title=f"study {study.study_name}: steps to generalize vs training fraction")
-    ax.legend()
+    ax.legend(loc="best")
     return fig
 
 
@@ -203,10 +201,9 @@ def best_vs_baseline_figure(study: optuna.Study, spec: StudySpec, parent: Tracke
         ax.legend()
     base = spec.base_config()
     if baseline is None:
-        fig.text(0.5, 0.005, f"no FINISHED `{preset_name}` run of {base.operation} mod {base.p} in this store "
-                             f"(train one: grokking-tracked run --preset {preset_name} --p {base.p} --operation "
-                             f"{base.operation}); only the best trial is shown",
-                 ha="center", fontsize=8, color=figures.SPLIT_COLORS["test"])
+        fig.supxlabel(f"no FINISHED `{preset_name}` run of {base.operation} mod {base.p} in this store "
+                      f"(train one: grokking-tracked run --preset {preset_name} --p {base.p} --operation "
+                      f"{base.operation}); only the best trial is shown", fontsize=8, color=figures.SPLIT_COLORS["test"])
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     fig.suptitle(f"study {study.study_name}: best trial {best.number} ({params}) vs `{preset_name}` preset",
                  fontsize=10)

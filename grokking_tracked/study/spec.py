@@ -16,6 +16,7 @@ import itertools
 import math
 import tomllib
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,9 +321,15 @@ def _parse_param(name: str, body: Any, base: Config, fail) -> Param:
 
 
 # ---------------------------------------------------------------------------------------------- optuna objects
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, salt: str | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. ``salt``: this worker's identity, mixed into the spec's seed. Every process that
+    builds a sampler from the same seed draws the same sequence, so parallel workers would train the same
+    trials (seen: a 2-worker TPE study ran its 5 random start-up trials twice each). Only the first worker of
+    the invocation that created the study keeps the spec's seed (a one-worker study stays reproducible)."""
     cls = getattr(optuna.samplers, SAMPLERS[spec.sampler])
     args = dict(spec.sampler_args)
+    if salt is not None and args.get("seed") is not None:
+        args["seed"] = zlib.crc32(f"{args['seed']}:{salt}".encode())
     if spec.sampler == "grid":
         args.setdefault("search_space", {p.name: p.grid() for p in spec.params})
     try:

@@ -86,10 +86,20 @@ def _lost_schema_race(error: BaseException) -> bool:
         "duplicate" in text or "already exists" in text or "unique constraint" in text)
 
 
-def load_study(spec: StudySpec, storage, study_name: str) -> optuna.Study:
+def load_study(spec: StudySpec, storage, study_name: str, salt: str | None = None) -> optuna.Study:
+    """Load the study, or create it; ``salt``: see ``make_sampler``."""
+    return create_or_load_study(spec, storage, study_name, salt)[0]
+
+
+def create_or_load_study(spec: StudySpec, storage, study_name: str,
+                         salt: str | None = None) -> tuple[optuna.Study, bool]:
+    """(the study, whether this call created it). Exactly one of several simultaneous callers creates it."""
+    options = dict(study_name=study_name, storage=storage, pruner=make_pruner(spec), directions=spec.directions)
     try:
-        return optuna.create_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
-                                   pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
+        try:
+            return optuna.create_study(sampler=make_sampler(spec, salt), **options), True
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.create_study(sampler=make_sampler(spec, salt), load_if_exists=True, **options), False
     except ValueError as exc:  # e.g. the stored study has other directions
         raise StudyError(f"study {study_name!r}: {str(exc).splitlines()[0]}") from None
 

@@ -19,9 +19,11 @@ from mlflow import MlflowClient
 
 from ..config import Config
 from ..train import Callback, Trainer, TrainingStopped, TrainResult
+from ..tracking.experiment import system_metrics
 from ..tracking.runs import FAILED, FINISHED, KILLED, ROLE_TAG, TrackedRun, status_for
 from ..tracking.store import get_run
 from ..tracking.tracker import FigureDrawer
+from .dashboard import link_trial_run
 from .spec import StudySpec
 from .storage import retried_trial_number
 
@@ -59,6 +61,7 @@ class StudyContext:
     progress: bool = True
     threads: int | None = None
     drawer: FigureDrawer | None = None  # the worker's figure process
+    system_metrics: bool = False  # MLflow's system-metrics sampler on each trial's run
 
 
 class TrialRun:
@@ -81,6 +84,7 @@ class TrialRun:
                                            run_name=f"{context.study_name} #{trial.number}", tags=tags,
                                            parent_run_id=context.parent_run_id)
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+        link_trial_run(trial, context.client.tracking_uri, run.experiment_id, run.run_id)
         return cls(run, trial.number)
 
     def _end(self, state: str, status: str, background: bool = False, **tags: str) -> None:
@@ -205,7 +209,8 @@ class Objective:
             trainer = Trainer(config, [trial_run.run.tracker(drawer=context.drawer), pruning], progress=context.progress,
                               threads=context.threads)
             try:
-                result = trainer.train()
+                with system_metrics(trial_run.run.run_id, context.client.tracking_uri, enabled=context.system_metrics):
+                    result = trainer.train()
             except TrialPrunedStop as stop:
                 trial_run.prune(pruning.pruned_at)
                 raise optuna.TrialPruned(str(stop)) from None

@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from ..tracking.tracker import FigureDrawer
 from ..train import check_runnable
 from ..tracking.experiment import LOCAL_UI
 from ..tracking.store import connect, is_remote, quote_filter_value, resolve_tracking_uri, runs_view_url
+from .dashboard import annotate_study, run_page_url, ui_base
 from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec
-from .storage import FINISHED_STATES, count_finished, default_storage, load_study, open_storage, redact, \
-    sweep_stale_trials
+from .storage import (FINISHED_STATES, count_finished, create_or_load_study, default_storage, load_study,
+                      open_storage, redact, sweep_stale_trials)
 from .trial import STUDY_NAME_TAG, Objective, StudyContext, close_stale_trial_run
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's parent run, found again by every worker
@@ -53,6 +55,8 @@ class StudySettings:
     threads: int | None = None
     lockstep: int = 1
     visible_device: str | None = None  # CUDA_VISIBLE_DEVICES of a worker that owns one GPU
+    system_metrics: bool = False  # MLflow's system-metrics sampler on every trial's run
+    sampler_salt: str | None = None  # this worker's identity for its sampler's seed (see make_sampler)
 
 
 class FailureGuard:
@@ -86,15 +90,19 @@ class TrialLine:
 def optimize(settings: StudySettings, client=None, echo=print) -> None:
     """One worker: run trials of the shared study until ``settings.n_trials`` have finished."""
     spec = load_spec(settings.spec_path)
+    drawer = FigureDrawer()
+    drawer.start()  # its imports overlap with opening the stores and the first trial
     client = client or connect(settings.tracking_uri)
     storage = open_storage(settings.storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
         client, trial, "heartbeat stale: its worker stopped"))
-    study = load_study(spec, storage, settings.study_name)
+    study = load_study(spec, storage, settings.study_name, salt=settings.sampler_salt)
     sweep_stale_trials(study)
     if count_finished(study) >= settings.n_trials:
+        drawer.close()
         return
     context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
-                           progress=settings.progress, threads=settings.threads, drawer=FigureDrawer())
+                           progress=settings.progress, threads=settings.threads, drawer=drawer,
+                           system_metrics=settings.system_metrics)
     guard = FailureGuard()
     try:
         if settings.lockstep > 1:
@@ -181,7 +189,7 @@ def open_parent_run(client, experiment: str, study: optuna.Study, spec: StudySpe
 def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
               study_name: str | None = None, workers: int | str = "auto", tracking_uri: str | None = None,
               experiment: str | None = None, progress: bool = True, lockstep: int | None = None,
-              echo=print) -> dict:
+              system_metrics: bool = False, echo=print) -> dict:
     """Run (or resume, or join) a study; returns a summary dict."""
     spec = load_spec(spec_path)
     if n_trials is not None and n_trials < 0:
@@ -194,6 +202,8 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
         raise StudyError(f"--lockstep must be >= 1 (trials trained together; 1 = one at a time), got {lockstep}")
     if lockstep > 1:
         check_lockstep_spec(spec)
+        if system_metrics:
+            raise StudyError("--system-metrics samples one process per run: not with --lockstep (K runs, one process)")
     n_workers, visible = resolve_workers(workers, spec, lockstep)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     experiment = experiment or spec.experiment
@@ -203,28 +213,36 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
     client = connect(tracking_uri)  # both fail fast, before anything is created
     rdb = open_storage(storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
         client, trial, "heartbeat stale: its worker stopped"))
-    study = load_study(spec, rdb, study_name)
+    study, created = create_or_load_study(spec, rdb, study_name)
+    # the first worker of the invocation that created the study keeps the spec's seed; every other worker
+    # (other indices, other invocations, later resumptions) draws its own sequence
+    invocation = f"{socket.gethostname()}:{os.getpid()}"
+    salts = [None if created and index == 0 else f"{invocation}:{index}" for index in range(n_workers)]
     with open_parent_run(client, experiment, study, spec, storage) as parent:
+        annotate_study(study, spec, parent.run_id, run_page_url(tracking_uri, parent.experiment_id, parent.run_id),
+                       runs_view_url(client, parent.experiment_id, ui_base(tracking_uri)))
         echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent.run_id} "
              f"in experiment {experiment!r}; {count_finished(study)}/{n_trials} trials finished")
         settings = StudySettings(str(Path(spec_path).resolve()), n_trials, storage, study_name, tracking_uri,
                                  experiment, parent.run_id, timeout, progress=progress and n_workers == 1,
-                                 lockstep=lockstep)
+                                 lockstep=lockstep, system_metrics=system_metrics)
         if n_trials > count_finished(study):
             if n_workers == 1:
-                optimize(settings, client=client, echo=echo)
+                optimize(replace(settings, sampler_salt=salts[0]), client=client, echo=echo)
             else:
-                run_workers(settings, n_workers, visible, echo)
+                run_workers(settings, n_workers, visible, echo, salts)
         summary = finalize(study, spec, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
     summary["runs_url"] = runs_view_url(client, parent.experiment_id, None if is_remote(tracking_uri) else LOCAL_UI)
     return summary
 
 
-def run_workers(settings: StudySettings, workers: int, visible: list[str | None], echo) -> None:
+def run_workers(settings: StudySettings, workers: int, visible: list[str | None], echo,
+                salts: list[str | None]) -> None:
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker_main, name=f"study-worker-{i}",
-                                 args=(replace(settings, threads=threads, visible_device=visible[i]),))
+                                 args=(replace(settings, threads=threads, visible_device=visible[i],
+                                               sampler_salt=salts[i]),))
                  for i in range(workers)]
     for process in processes:
         process.start()

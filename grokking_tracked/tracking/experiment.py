@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import tempfile
@@ -35,6 +36,25 @@ def resume_tags(existing: dict[str, str], step: int, max_steps: int | None) -> d
     return tags
 
 
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, enabled: bool = True, resume: bool = False):
+    """MLflow's own system-metrics sampler (``system/cpu_utilization_percentage``, memory, disk, network, GPU)
+    on ``run_id`` while the block runs: a thread that samples every
+    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (MLflow's default: 10) and logs straight to the store
+    (not through the run's outbox). ``resume``: continue the run's earlier system-metric steps."""
+    if not enabled:
+        yield None
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()  # stops the thread and flushes what it sampled, before the run ends
+
+
 @dataclass
 class ExperimentResult:
     run_id: str
@@ -58,6 +78,27 @@ class ExperimentResult:
 
         return pd.DataFrame([{"step": s, **m} for s, m in self.history]).set_index("step")
 
+    def plot(self, title: str | None = None):
+        """The learning curves (loss on a log axis, accuracy) with the detected events, as a matplotlib ``Figure``.
+
+        Built without pyplot: the process's backend and pyplot's current figure are left alone, so in a notebook
+        the figure shows inline when it is a cell's value (and ``fig.savefig(...)`` writes it)."""
+        from ..figures import learning_curves
+
+        return learning_curves(self.history, self.result.events,
+                               f"run {self.run_id[:8]}: {self.summary()}" if title is None else title)
+
+    def _repr_png_(self) -> bytes:
+        """Jupyter's rich display: the learning curves as PNG bytes, shown when the result is a cell's value."""
+        import io
+
+        from ..figures import style
+
+        buffer = io.BytesIO()
+        with style():
+            self.plot().savefig(buffer, format="png")
+        return buffer.getvalue()
+
     def summary(self) -> str:
         mem, gen = self.result.step_of("memorization"), self.result.step_of("generalization")
         return (f"memorized at step {mem if mem is not None else '-'}, "
@@ -69,10 +110,11 @@ def run_experiment(config: Config, tracking_uri: str | None = None, experiment: 
                    run_name: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
                    callbacks: Iterable[Callback] = (), progress: bool = True,
                    on_run_started: Callable[[str], None] | None = None, client=None,
-                   threads: int | None = None) -> ExperimentResult:
+                   threads: int | None = None, log_system_metrics: bool = False) -> ExperimentResult:
     """Train ``config`` as one MLflow run; returns its run id and the metric history.
 
-    ``client``: an open MlflowClient to reuse (a study worker keeps one); else one for ``tracking_uri``."""
+    ``client``: an open MlflowClient to reuse (a study worker keeps one); else one for ``tracking_uri``.
+    ``log_system_metrics``: MLflow's system-metrics sampler on the run while it trains (``system_metrics``)."""
     check_runnable(config)  # refused before a run exists
     client = client or connect(tracking_uri)
     with TrackedRun.create_for_config(client, config, experiment, run_name=run_name, tags=tags,
@@ -80,13 +122,14 @@ def run_experiment(config: Config, tracking_uri: str | None = None, experiment: 
         if on_run_started is not None:
             on_run_started(run.run_id)
         trainer = Trainer(config, [run.tracker(), *callbacks], progress=progress, threads=threads)
-        result = trainer.train()
+        with system_metrics(run.run_id, client.tracking_uri, enabled=log_system_metrics):
+            result = trainer.train()
     return ExperimentResult(run.run_id, result, client.tracking_uri, run.experiment_id)
 
 
 def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bool = True,
                       callbacks: Iterable[Callback] = (), max_steps: int | None = None,
-                      force: bool = False) -> ExperimentResult:
+                      force: bool = False, log_system_metrics: bool = False) -> ExperimentResult:
     """Continue a run from its newest loadable checkpoint, in the same MLflow run (after a crash, or to train
     longer with a larger ``max_steps``: MLflow params are immutable, so the new budget goes to config.json and
     a tag). A run another live process is writing is refused unless ``force``."""
@@ -110,5 +153,6 @@ def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bo
         run.set_tags(resume_tags(run.client.get_run(run_id).data.tags, trainer.step, max_steps))
         if max_steps is not None:
             run.log_dict(config.to_dict(), CONFIG_ARTIFACT)
-        result = trainer.train()
+        with system_metrics(run_id, client.tracking_uri, enabled=log_system_metrics, resume=True):
+            result = trainer.train()
     return ExperimentResult(run_id, result, client.tracking_uri, run.experiment_id)

@@ -62,7 +62,13 @@ def context_tags(argv: list[str] | None = None) -> dict[str, str]:
 def _mlflow_context() -> tuple[tuple[str, str], ...]:
     from mlflow.tracking.context.registry import resolve_tags
 
-    return tuple((key, str(value)) for key, value in resolve_tags().items())
+    tags = {key: str(value) for key, value in resolve_tags().items()}
+    # MLflow names the source after sys.argv[0]: under `python -m grokking_tracked` that is our __main__.py,
+    # which tells a reader nothing; name the command instead, as the console script's path does.
+    source = tags.get("mlflow.source.name", "")
+    if source.replace("\\", "/").endswith("grokking_tracked/__main__.py"):
+        tags["mlflow.source.name"] = "grokking-tracked"
+    return tuple(tags.items())
 
 
 def runtime_tags(device, threads: int | None) -> dict[str, str]:
@@ -72,8 +78,8 @@ def runtime_tags(device, threads: int | None) -> dict[str, str]:
 
 
 def _short(value: float) -> str:
-    """1e-2 rather than 0.01 or 1e-02; 1 rather than 1.0."""
-    text = f"{value:.0e}" if value < 0.01 or value >= 1000 else f"{value:g}"
+    """1e-2 rather than 0.01 or 1e-02; 0.5 and 1 as they are (one significant digit: names, not values)."""
+    text = f"{value:.0e}" if 0 < value < 0.1 or value >= 1000 else f"{value:g}"
     return re.sub(r"e([+-])0*(\d)", r"e\1\2", text).replace("e+", "e")
 
 

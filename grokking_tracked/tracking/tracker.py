@@ -9,6 +9,7 @@ so every step appears exactly once.
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import time
@@ -43,9 +44,16 @@ class FigureDrawer:
     def __init__(self):
         self._pool: ProcessPoolExecutor | None = None
 
-    def submit(self, directory, history, events, title: str, grid) -> Future:
+    def start(self) -> None:
+        """Spawn the process now and let it import matplotlib (~2-4 s here) while the caller
+        opens its stores and trains the first trial, instead of after that trial ends."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            # by name: a function of this module would drag mlflow and torch into that process
+            self._pool.submit(importlib.import_module, figures.__name__)
+
+    def submit(self, directory, history, events, title: str, grid) -> Future:
+        self.start()
         return self._pool.submit(figures.save_run_figures, str(directory), history, events, title, grid)
 
     def close(self) -> None:
