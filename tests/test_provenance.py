@@ -46,3 +46,14 @@ def test_source_under_python_m_is_the_command(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/somewhere/grokking_tracked/__main__.py", "run"])
     tags = dict(_mlflow_context.__wrapped__())
     assert tags["mlflow.source.name"] == "grokking-tracked" and tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_a_dataset_row_inserted_by_a_concurrent_writer_is_retried_not_refused():
+    from sqlalchemy.exc import IntegrityError
+
+    from grokking_tracked.tracking.outage import is_transient
+
+    race = IntegrityError("INSERT INTO datasets ...", {}, Exception(
+        "UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"))
+    other = IntegrityError("INSERT INTO params ...", {}, Exception("UNIQUE constraint failed: params.key"))
+    assert is_transient(race) and not is_transient(other)

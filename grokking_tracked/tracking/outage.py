@@ -28,6 +28,10 @@ def is_transient(exc: BaseException) -> bool:
         return status >= 500 or status in (408, 429)
     if isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
         return True
+    if type(exc).__name__ == "IntegrityError" and "datasets" in str(exc):
+        # Two writers of one local store logging the same dataset at once (study workers): the loser's insert
+        # of the shared dataset row fails; retried, it finds the row and only links its run to it.
+        return True
     return type(exc).__name__ == "OperationalError"  # SQLAlchemy, e.g. "database is locked" (local store)
 
 
