@@ -49,10 +49,13 @@ def main() -> None:
             continue
         with sqlite3.connect(scratch / "mlruns" / "optuna.db") as db:
             states = dict(db.execute("select state, count(*) from trials group by state").fetchall())
+            steps = sum(int(float(v)) for (v,) in db.execute(
+                "select value_json from trial_user_attributes where key = 'final_step'"))
             best = db.execute("select min(v.value) from trial_values v join trials t using (trial_id) "
                               "where t.state = 'COMPLETE'").fetchone()[0]  # a pruned trial's value is a loss
-        print(f"{tree}: wall {wall:.1f} s, CPU {cpu:.1f} s, trials {states}, best {best}  (store: {scratch})",
-              flush=True)
+        # the trials a search draws differ between trees and runs: steps trained per second compares the work
+        print(f"{tree}: wall {wall:.1f} s, CPU {cpu:.1f} s, trials {states}, {steps} steps trained "
+              f"({steps / wall:.1f} steps/s of wall time), best {best}  (store: {scratch})", flush=True)
     print("machine at the end:", describe())
 
 

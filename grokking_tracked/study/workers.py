@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +37,8 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's paren
 STUDY_ROLE = "study"
 SPEC_ARTIFACT = "study_spec.toml"
 MAX_CONSECUTIVE_FAILURES = 3
+PARENT_WAIT_SECONDS = 60.0  # a joining invocation waits this long for the creator's parent run
+PARENT_POLL_SECONDS = 0.5
 BACKGROUND_WAIT_SECONDS = 300.0  # bounded: a worker stopping on Ctrl-C must not hang on a server that is away
 
 
@@ -160,21 +163,18 @@ def resolve_workers(workers: int | str, spec: StudySpec, lockstep: int) -> tuple
     return count, visible
 
 
-def open_parent_run(client, experiment: str, study: optuna.Study, spec: StudySpec, storage_url: str) -> TrackedRun:
-    """One MLflow parent run per study, found again on every later invocation (also from other machines)."""
-    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    if run_id:
-        try:
-            client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - deleted or from another server: look it up by tags instead
-            run_id = None
-    if not run_id:
-        experiment_obj = client.get_experiment_by_name(experiment)
-        found = client.search_runs(
-            [experiment_obj.experiment_id], f"tags.`{STUDY_NAME_TAG}` = {quote_filter_value(study.study_name)} and "
-                                            f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}'",
-            order_by=["attributes.start_time ASC"], max_results=1) if experiment_obj else []
-        run_id = found[0].info.run_id if found else None
+def open_parent_run(client, experiment: str, study: optuna.Study, spec: StudySpec, storage_url: str,
+                    created: bool = True, wait_seconds: float = PARENT_WAIT_SECONDS) -> TrackedRun:
+    """One MLflow parent run per study, found again on every later invocation (also from other machines).
+
+    Only the invocation that created the study creates the parent run. One that joins a study without a parent
+    run yet waits (polling the study's user attr, which the creator sets right after creating the run) up to
+    ``wait_seconds``, then creates it itself (the creator died): simultaneous invocations made one parent each."""
+    run_id = _find_parent_run(client, experiment, study)
+    deadline = time.monotonic() + (0.0 if created else wait_seconds)
+    while run_id is None and time.monotonic() < deadline:
+        time.sleep(PARENT_POLL_SECONDS)
+        run_id = _find_parent_run(client, experiment, study)
     if run_id:
         return TrackedRun.reopen(client, run_id, leased=False)  # every invocation joining the study writes it
     tags = {STUDY_NAME_TAG: study.study_name, ROLE_TAG: STUDY_ROLE, "optuna.storage": redact(storage_url),
@@ -184,6 +184,22 @@ def open_parent_run(client, experiment: str, study: optuna.Study, spec: StudySpe
                                artifacts={SPEC_ARTIFACT: spec.text}, leased=False)
     study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
     return parent
+
+
+def _find_parent_run(client, experiment: str, study: optuna.Study) -> str | None:
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id:
+        try:
+            client.get_run(run_id)
+            return run_id
+        except Exception:  # noqa: BLE001 - deleted or from another server: look it up by tags instead
+            pass
+    experiment_obj = client.get_experiment_by_name(experiment)
+    found = client.search_runs(
+        [experiment_obj.experiment_id], f"tags.`{STUDY_NAME_TAG}` = {quote_filter_value(study.study_name)} and "
+                                        f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}'",
+        order_by=["attributes.start_time ASC"], max_results=1) if experiment_obj else []
+    return found[0].info.run_id if found else None
 
 
 def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
@@ -218,7 +234,7 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
     # (other indices, other invocations, later resumptions) draws its own sequence
     invocation = f"{socket.gethostname()}:{os.getpid()}"
     salts = [None if created and index == 0 else f"{invocation}:{index}" for index in range(n_workers)]
-    with open_parent_run(client, experiment, study, spec, storage) as parent:
+    with open_parent_run(client, experiment, study, spec, storage, created=created) as parent:
         annotate_study(study, spec, parent.run_id, run_page_url(tracking_uri, parent.experiment_id, parent.run_id),
                        runs_view_url(client, parent.experiment_id, ui_base(tracking_uri)))
         echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent.run_id} "
