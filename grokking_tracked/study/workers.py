@@ -95,28 +95,27 @@ def optimize(settings: StudySettings, client=None, echo=print) -> None:
     spec = load_spec(settings.spec_path)
     drawer = FigureDrawer()
     drawer.start()  # its imports overlap with opening the stores and the first trial
-    client = client or connect(settings.tracking_uri)
-    storage = open_storage(settings.storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
-        client, trial, "heartbeat stale: its worker stopped"))
-    study = load_study(spec, storage, settings.study_name, salt=settings.sampler_salt)
-    sweep_stale_trials(study)
-    if count_finished(study) >= settings.n_trials:
-        drawer.close()
-        return
-    context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
-                           progress=settings.progress, threads=settings.threads, drawer=drawer,
-                           system_metrics=settings.system_metrics)
     guard = FailureGuard()
     try:
+        client = client or connect(settings.tracking_uri)
+        storage = open_storage(settings.storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
+            client, trial, "heartbeat stale: its worker stopped"))
+        study = load_study(spec, storage, settings.study_name, salt=settings.sampler_salt)
+        sweep_stale_trials(study)
+        if count_finished(study) >= settings.n_trials:
+            return
+        context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
+                               progress=settings.progress, threads=settings.threads, drawer=drawer,
+                               system_metrics=settings.system_metrics)
         if settings.lockstep > 1:
             optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
             return
         study.optimize(Objective(context), timeout=settings.timeout, catch=(Exception,),
                        callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED_STATES), guard,
                                   TrialLine(echo)])
-    finally:  # the last trials' figures and final status, still on their way
+    finally:  # the last trials' figures and final status, still on their way; the figure process in every case
         TrackedRun.wait_for_background(timeout=BACKGROUND_WAIT_SECONDS)
-        context.drawer.close()
+        drawer.close()
     if guard.tripped:
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         reason = failed[-1].user_attrs.get("fail_reason") or failed[-1].system_attrs.get("fail_reason", "") \
