@@ -127,8 +127,10 @@ def test_ctrl_c_ends_a_studys_workers_trials_killed_and_none_left_running(tmp_pa
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if "mlflow_run_id" in t.user_attrs]
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     try:
+        # the store's tables exist once trials run: a client opened earlier would race the command to create them
+        wait_until(lambda: len(running_trials()) == 2, process, "two trials running")
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
         wait_until(lambda: len(running_trials()) == 2 and all(
             client.get_metric_history(t.user_attrs["mlflow_run_id"], "test_acc") for t in running_trials()),
             process, "two trials training")

@@ -8,6 +8,7 @@ entry points' business: see ``cli.MLFLOW_CLIENT_ENVIRONMENT``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -63,7 +64,13 @@ def connect(uri: str | None = None) -> MlflowClient:
     store = local_store_dir(uri)
     if store is not None:
         store.mkdir(parents=True, exist_ok=True)
-    elif is_remote(uri):
+        # MLflow migrates a new SQLite store when a client first opens it; processes doing that at once break
+        # each other's migrations (on a barrier 11 of 12 processes failed: alembic version mismatches, tables
+        # that already exist, a locked database). One opener at a time: the others find the tables made.
+        with open(store / ".open.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return MlflowClient(tracking_uri=uri)
+    if is_remote(uri):
         import requests
 
         try:
