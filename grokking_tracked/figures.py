@@ -35,6 +35,10 @@ STYLE = {
     "legend.fontsize": 8, "legend.frameon": False, "figure.titlesize": 12, "lines.linewidth": 1.5,
     "lines.markersize": 4, "axes.prop_cycle": cycler(color=_BASE_COLORS),
     "figure.dpi": DPI, "savefig.dpi": DPI, "image.cmap": "viridis",
+    # a title sits above its axes at a fixed place; by default (None) matplotlib measures every tick label of
+    # the axes at each draw to lift the title over top ticks we never have: the same pixels, ~15 % of a study
+    # trial's figure time
+    "axes.titley": 1.0,
 }
 
 

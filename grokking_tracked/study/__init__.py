@@ -11,6 +11,15 @@
 """
 
 from .spec import StudyError, StudySpec, load_spec
-from .workers import run_study
 
 __all__ = ["StudyError", "StudySpec", "load_spec", "run_study"]
+
+
+def __getattr__(name: str):
+    # run_study brings torch, TransformerLens and mlflow: loaded on first use (PEP 562), so that the CLI can check
+    # a spec, and start creating a new store, before they load
+    if name == "run_study":
+        from .workers import run_study
+
+        return run_study
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,7 @@ name, what the intermediate values are, a note linking the MLflow parent run, a 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import optuna
@@ -40,17 +41,53 @@ def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{ui_base(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def link_trial_run(trial: optuna.Trial, tracking_uri: str, experiment_id: str, run_id: str) -> None:
-    """The trial's user attr with its run's page, and its dashboard note with the same link (clickable there)."""
+def link_trial_run(trial: optuna.Trial, tracking_uri: str, experiment_id: str, run_id: str, notes=None) -> None:
+    """The trial's user attr with its run's page, and its dashboard note with the same link (clickable there).
+    ``notes``: a ``DashboardNotes`` that writes the note elsewhere; default: here."""
     url = run_page_url(tracking_uri, experiment_id, run_id)
     trial.set_user_attr(RUN_URL_ATTR, url)
+    (notes or DashboardNotes.here(trial.study)).save(trial._trial_id, f"[MLflow run {run_id}]({url})")
+
+
+class DashboardNotes:
+    """Writes optuna-dashboard's notes of one study (the study's, a trial's). ``side``: a ``FigureDrawer`` whose
+    process writes them, because importing optuna-dashboard takes 1-2 s (it imports scikit-learn) and would hold up
+    the study's start and every worker's first trial; without one, they are written here."""
+
+    def __init__(self, storage: str | optuna.storages.BaseStorage, study_name: str, side=None):
+        self.storage, self.study_name, self.side = storage, study_name, side
+
+    @classmethod
+    def here(cls, study: optuna.Study) -> "DashboardNotes":
+        return cls(study._storage, study.study_name)
+
+    def save(self, trial_id: int | None, body: str) -> None:
+        """The note of the study (``trial_id`` None) or of one of its trials (Markdown)."""
+        if self.side is None:
+            save_note(self.storage, self.study_name, trial_id, body)
+        else:  # a note that failed to save is no reason to stop: the user attrs hold the same links
+            self.side.call(save_note, self.storage, self.study_name, trial_id, body)
+
+
+def save_note(storage: str | optuna.storages.BaseStorage, study_name: str, trial_id: int | None, body: str) -> None:
+    """optuna-dashboard's note of the study (``trial_id`` None) or of one of its trials, unless it says so already."""
     try:
-        from optuna_dashboard import save_note
-    except ImportError:
+        from optuna_dashboard import get_note, save_note as save_dashboard_note
+    except ImportError:  # the dashboard is an optional viewer; the user attrs say the same
         return
+    # a RandomSampler: making a Trial object asks the sampler for relative params, which TPE would compute
+    study = optuna.load_study(study_name=study_name, storage=_storage(storage), sampler=optuna.samplers.RandomSampler())
+    target = study if trial_id is None else optuna.Trial(study, trial_id)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        save_note(trial, f"[MLflow run {run_id}]({url})")  # the note is Markdown: a link the dashboard opens
+        if get_note(target) != body:
+            save_dashboard_note(target, body)
+
+
+@functools.lru_cache(maxsize=4)
+def _storage(storage):
+    """One storage per URL in a side process (an engine and its schema check per note would cost ~0.1 s)."""
+    return optuna.storages.RDBStorage(storage) if isinstance(storage, str) else storage
 
 
 def intermediate_values_meaning(spec: StudySpec) -> str:
@@ -61,10 +98,11 @@ def intermediate_values_meaning(spec: StudySpec) -> str:
 
 
 def annotate_study(study: optuna.Study, spec: StudySpec, parent_run_id: str, parent_url: str | None,
-                   runs_url: str | None = None) -> None:
+                   runs_url: str | None = None, notes: DashboardNotes | None = None) -> None:
     """Name the objectives and the intermediate values, and link the MLflow parent run (a user attr and the
-    study's dashboard note). Idempotent: every invocation joining the study may call it (Optuna's RDB storage
-    ignores the duplicate insert of invocations starting together: they write the same values)."""
+    study's dashboard note, written by ``notes``, default: here). Idempotent: every invocation joining the study
+    may call it (Optuna's RDB storage ignores the duplicate insert of invocations starting together: they write the
+    same values)."""
     if study.metric_names != metric_names(spec):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -75,15 +113,8 @@ def annotate_study(study: optuna.Study, spec: StudySpec, parent_run_id: str, par
     for key, value in attrs.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
-    note = study_note(study.study_name, spec, parent_run_id, parent_url, runs_url)
-    try:
-        from optuna_dashboard import get_note, save_note
-    except ImportError:  # the dashboard is an optional viewer; the user attrs above say the same
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if get_note(study) != note:
-            save_note(study, note)
+    (notes or DashboardNotes.here(study)).save(None, study_note(study.study_name, spec, parent_run_id, parent_url,
+                                                                 runs_url))
 
 
 def study_note(study_name: str, spec: StudySpec, parent_run_id: str, parent_url: str | None,

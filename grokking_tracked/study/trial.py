@@ -23,7 +23,7 @@ from ..tracking.experiment import system_metrics
 from ..tracking.runs import FAILED, FINISHED, KILLED, ROLE_TAG, TrackedRun, status_for
 from ..tracking.store import get_run
 from ..tracking.tracker import FigureDrawer
-from .dashboard import link_trial_run
+from .dashboard import DashboardNotes, link_trial_run
 from .spec import StudySpec
 from .storage import retried_trial_number
 
@@ -61,6 +61,7 @@ class StudyContext:
     progress: bool = True
     threads: int | None = None
     drawer: FigureDrawer | None = None  # the worker's figure process
+    notes: DashboardNotes | None = None  # writes the trials' dashboard notes (default: in this process)
     system_metrics: bool = False  # MLflow's system-metrics sampler on each trial's run
 
 
@@ -84,7 +85,7 @@ class TrialRun:
                                            run_name=f"{context.study_name} #{trial.number}", tags=tags,
                                            parent_run_id=context.parent_run_id)
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
-        link_trial_run(trial, context.client.tracking_uri, run.experiment_id, run.run_id)
+        link_trial_run(trial, context.client.tracking_uri, run.experiment_id, run.run_id, notes=context.notes)
         return cls(run, trial.number)
 
     def _end(self, state: str, status: str, background: bool = False, **tags: str) -> None:

@@ -8,6 +8,7 @@ Optuna's verbosity), as the CLI is for the main process.
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ from ..tracking.tracker import FigureDrawer
 from ..train import check_runnable
 from ..tracking.experiment import LOCAL_UI
 from ..tracking.store import connect, is_remote, quote_filter_value, resolve_tracking_uri, runs_view_url
-from .dashboard import annotate_study, run_page_url, ui_base
+from .dashboard import DashboardNotes, annotate_study, run_page_url, ui_base
 from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec
@@ -90,10 +91,14 @@ class TrialLine:
         self.echo(f"trial {trial.number}: {outcome} (MLflow run {run_id})")
 
 
-def optimize(settings: StudySettings, client=None, echo=print) -> None:
-    """One worker: run trials of the shared study until ``settings.n_trials`` have finished."""
+def optimize(settings: StudySettings, client=None, echo=print, drawer: FigureDrawer | None = None) -> None:
+    """One worker: run trials of the shared study until ``settings.n_trials`` have finished.
+
+    ``drawer``: the caller's figure process; the caller then waits for the trials' background work (figures, final
+    statuses) and closes it (``finish_background``). By default the worker has its own and does that itself."""
     spec = load_spec(settings.spec_path)
-    drawer = FigureDrawer()
+    own_drawer = drawer is None
+    drawer = drawer or FigureDrawer()
     drawer.start()  # its imports overlap with opening the stores and the first trial
     guard = FailureGuard()
     try:
@@ -106,6 +111,7 @@ def optimize(settings: StudySettings, client=None, echo=print) -> None:
             return
         context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
                                progress=settings.progress, threads=settings.threads, drawer=drawer,
+                               notes=DashboardNotes(settings.storage, settings.study_name, side=drawer),
                                system_metrics=settings.system_metrics)
         if settings.lockstep > 1:
             optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
@@ -114,14 +120,23 @@ def optimize(settings: StudySettings, client=None, echo=print) -> None:
                        callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED_STATES), guard,
                                   TrialLine(echo)])
     finally:  # the last trials' figures and final status, still on their way; the figure process in every case
-        TrackedRun.wait_for_background(timeout=BACKGROUND_WAIT_SECONDS)
-        drawer.close()
+        if own_drawer:
+            finish_background(drawer)
     if guard.tripped:
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         reason = failed[-1].user_attrs.get("fail_reason") or failed[-1].system_attrs.get("fail_reason", "") \
             if failed else ""
         raise StudyError(f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed; stopping "
                          f"({reason.splitlines()[0] if reason else 'see the FAILED runs in MLflow'})")
+
+
+def finish_background(drawer: FigureDrawer) -> None:
+    """Wait (bounded) for the runs' work still on its way -- figures being drawn, final statuses -- and close the
+    figure process."""
+    try:
+        TrackedRun.wait_for_background(timeout=BACKGROUND_WAIT_SECONDS)
+    finally:
+        drawer.close()
 
 
 def worker_main(settings: StudySettings) -> None:
@@ -143,6 +158,8 @@ def worker_main(settings: StudySettings) -> None:
         if str(exc):
             print(f"grokking-tracked worker {os.getpid()}: {exc}", flush=True)
         raise SystemExit(1)
+    finally:
+        gc.freeze()  # as cli.skip_final_collection: the exit's collections would walk every live object (1-3 s)
 
 
 def resolve_workers(workers: int | str, spec: StudySpec, lockstep: int) -> tuple[int, list[str | None]]:
@@ -225,28 +242,37 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
     study_name = study_name or spec.name
     n_trials = spec.n_trials if n_trials is None else n_trials
     storage = storage or default_storage(tracking_uri)
-    client = connect(tracking_uri)  # both fail fast, before anything is created
-    rdb = open_storage(storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
-        client, trial, "heartbeat stale: its worker stopped"))
-    study, created = create_or_load_study(spec, rdb, study_name)
-    # the first worker of the invocation that created the study keeps the spec's seed; every other worker
-    # (other indices, other invocations, later resumptions) draws its own sequence
-    invocation = f"{socket.gethostname()}:{os.getpid()}"
-    salts = [None if created and index == 0 else f"{invocation}:{index}" for index in range(n_workers)]
-    with open_parent_run(client, experiment, study, spec, storage, created=created) as parent:
-        annotate_study(study, spec, parent.run_id, run_page_url(tracking_uri, parent.experiment_id, parent.run_id),
-                       runs_view_url(client, parent.experiment_id, ui_base(tracking_uri)))
-        echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent.run_id} "
-             f"in experiment {experiment!r}; {count_finished(study)}/{n_trials} trials finished")
-        settings = StudySettings(str(Path(spec_path).resolve()), n_trials, storage, study_name, tracking_uri,
-                                 experiment, parent.run_id, timeout, progress=progress and n_workers == 1,
-                                 lockstep=lockstep, system_metrics=system_metrics)
-        if n_trials > count_finished(study):
-            if n_workers == 1:
-                optimize(replace(settings, sampler_salt=salts[0]), client=client, echo=echo)
-            else:
-                run_workers(settings, n_workers, visible, echo, salts)
-        summary = finalize(study, spec, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
+    # the invocation's figure process: the study's dashboard note, and with one worker that worker's trials'
+    # figures and notes; it starts now, so its imports overlap opening the stores
+    drawer = FigureDrawer()
+    drawer.start()
+    try:
+        client = connect(tracking_uri)  # both fail fast, before anything is created
+        rdb = open_storage(storage, spec, on_stale_trial=lambda study, trial: close_stale_trial_run(
+            client, trial, "heartbeat stale: its worker stopped"))
+        study, created = create_or_load_study(spec, rdb, study_name)
+        # the first worker of the invocation that created the study keeps the spec's seed; every other worker
+        # (other indices, other invocations, later resumptions) draws its own sequence
+        invocation = f"{socket.gethostname()}:{os.getpid()}"
+        salts = [None if created and index == 0 else f"{invocation}:{index}" for index in range(n_workers)]
+        with open_parent_run(client, experiment, study, spec, storage, created=created) as parent:
+            annotate_study(study, spec, parent.run_id, run_page_url(tracking_uri, parent.experiment_id, parent.run_id),
+                           runs_view_url(client, parent.experiment_id, ui_base(tracking_uri)),
+                           notes=DashboardNotes(storage, study_name, side=drawer))
+            echo(f"study {study_name!r}: storage {redact(storage)}, MLflow parent run {parent.run_id} "
+                 f"in experiment {experiment!r}; {count_finished(study)}/{n_trials} trials finished")
+            settings = StudySettings(str(Path(spec_path).resolve()), n_trials, storage, study_name, tracking_uri,
+                                     experiment, parent.run_id, timeout, progress=progress and n_workers == 1,
+                                     lockstep=lockstep, system_metrics=system_metrics)
+            if n_trials > count_finished(study):
+                if n_workers == 1:
+                    optimize(replace(settings, sampler_salt=salts[0]), client=client, echo=echo, drawer=drawer)
+                else:
+                    run_workers(settings, n_workers, visible, echo, salts)
+            # the parent run's figures are drawn here while the last trials' are still drawn in the figure process
+            summary = finalize(study, spec, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
+    finally:
+        finish_background(drawer)
     summary["runs_url"] = runs_view_url(client, parent.experiment_id, None if is_remote(tracking_uri) else LOCAL_UI)
     return summary
 

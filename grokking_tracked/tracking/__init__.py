@@ -8,13 +8,27 @@
 - ``reanalysis``: ``analyze_run`` / ``compare_runs`` (server -> artifacts -> analysis -> server).
 """
 
-from .experiment import ExperimentResult, resume_experiment, run_experiment
-from .fetch import RunArtifacts, fetch_config, fetch_history, list_checkpoints
-from .reanalysis import analyze_run, compare_runs
-from .runs import TrackedRun, status_for
-from .store import DEFAULT_EXPERIMENT, TrackingError, connect, ensure_experiment, get_run, resolve_tracking_uri
-from .tracker import MlflowTracker
+import importlib
 
-__all__ = ["ExperimentResult", "resume_experiment", "run_experiment", "RunArtifacts", "fetch_config", "fetch_history",
-           "list_checkpoints", "analyze_run", "compare_runs", "TrackedRun", "status_for", "DEFAULT_EXPERIMENT",
-           "TrackingError", "connect", "ensure_experiment", "get_run", "resolve_tracking_uri", "MlflowTracker"]
+# Names are loaded on first use (PEP 562): ``tracking.store`` alone is light (the standard library), so a
+# command can start creating a new store before torch and TransformerLens load (see store.start_creating).
+_EXPORTS = {
+    "ExperimentResult": "experiment", "resume_experiment": "experiment", "run_experiment": "experiment",
+    "RunArtifacts": "fetch", "fetch_config": "fetch", "fetch_history": "fetch", "list_checkpoints": "fetch",
+    "analyze_run": "reanalysis", "compare_runs": "reanalysis",
+    "TrackedRun": "runs", "status_for": "runs",
+    "DEFAULT_EXPERIMENT": "store", "TrackingError": "store", "connect": "store", "ensure_experiment": "store",
+    "get_run": "store", "resolve_tracking_uri": "store",
+    "MlflowTracker": "tracker",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -3,7 +3,8 @@
 Resolution follows ``mlflow.get_tracking_uri()``: an explicit URI, else ``$MLFLOW_TRACKING_URI``, else our
 embedded store (a SQLite database and its artifacts under ``./mlruns/``). Resolving touches nothing on disk;
 opening a local store creates its directory. Nothing here changes the process (MLflow's client settings are the
-entry points' business: see ``cli.MLFLOW_CLIENT_ENVIRONMENT``).
+entry points' business: see ``cli.MLFLOW_CLIENT_ENVIRONMENT``). The module loads mlflow only when a client is made,
+so that ``start_creating`` can run before the heavy imports of a command.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-
 from ..config import UserError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EMBEDDED_STORE_DIR = "mlruns"
@@ -57,9 +61,25 @@ def local_store_dir(uri: str) -> Path | None:
     return None
 
 
+def start_creating(uri: str | None = None) -> subprocess.Popen | None:
+    """Create a new local store in a separate process, returning at once; nothing for a store that exists or a
+    remote one. MLflow builds a new SQLite store (its ~100 schema migrations: 2-3 s here) when a client first
+    opens it; started before a command imports torch and TransformerLens, that work overlaps theirs on another
+    core, and the command's own ``connect`` finds the store made (or waits for it on the same lock). The process
+    has its own session: a Ctrl-C of the command does not stop a migration half-way. Returns that process."""
+    uri = resolve_tracking_uri(uri)
+    store = local_store_dir(uri)
+    if store is None or Path(uri[len("sqlite:///"):]).exists():
+        return None
+    return subprocess.Popen([sys.executable, "-m", __name__, uri], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def connect(uri: str | None = None) -> MlflowClient:
     """A client for the store. A local store's directory is created; a remote server is probed first, so an
     unreachable one fails in seconds with one line instead of after minutes of retries."""
+    from mlflow import MlflowClient
+
     uri = resolve_tracking_uri(uri)
     store = local_store_dir(uri)
     if store is not None:
@@ -91,6 +111,8 @@ def _artifact_location(client: MlflowClient, name: str) -> str | None:
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created (model-training layout, a description) if it does not exist."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -105,6 +127,8 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 
 def get_run(client: MlflowClient, run_id: str):
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_run(run_id)
     except MlflowException:
@@ -139,3 +163,7 @@ def check_artifact_location(tracking_uri: str, artifact_uri: str, run_id: str) -
         raise TrackingError(f"the tracking server puts run {run_id}'s artifacts at a local path ({artifact_uri}); "
                             f"refusing to read or write there (a server with proxied artifacts, mlflow-artifacts:/, "
                             f"or {TRUST_LOCAL_ARTIFACTS_ENV}=1 for a shared filesystem)")
+
+
+if __name__ == "__main__":  # the process start_creating() starts: open (so create) the store, then exit
+    connect(sys.argv[1])

@@ -56,6 +56,12 @@ class FigureDrawer:
         self.start()
         return self._pool.submit(figures.save_run_figures, str(directory), history, events, title, grid)
 
+    def call(self, function, *args) -> Future:
+        """Run ``function(*args)`` in this process too: other slow, self-contained work that must not hold up the
+        worker (optuna-dashboard's notes). ``function``'s module must import neither torch nor mlflow."""
+        self.start()
+        return self._pool.submit(function, *args)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
