@@ -283,6 +283,9 @@ def study(spec: str, n_trials: int | None, timeout: float | None, storage: str |
     from .tracking.store import start_creating
 
     if dashboard:
+        # nothing to close: SIGTERM ends the server at once. Raised as SystemExit (_on_sigterm) while a request
+        # is handled, wsgiref's handler catches it (a bare except) and the server kept serving.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         from .study.dashboard import serve_dashboard
         from .study.storage import default_storage
         from .tracking.store import resolve_tracking_uri
