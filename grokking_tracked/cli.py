@@ -137,9 +137,9 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
 
         config = make_preset(preset, **overrides)  # validated before anything heavy loads
         configure_process()
-        from .tracking.store import start_creating
+        from .tracking.store import prepare
 
-        start_creating(tracking_uri)  # a new store is made beside the imports below
+        prepare(tracking_uri)  # an unreachable server fails now; a new store is made beside the imports below
         from .tracking import run_experiment
 
         outcome = run_experiment(config, tracking_uri, experiment=experiment, run_name=run_name, progress=progress,
@@ -280,7 +280,7 @@ def study(spec: str, n_trials: int | None, timeout: float | None, storage: str |
         raise UserError(f"--workers expects a positive integer or 'auto', got {workers!r}")
     configure_process(optuna_quiet=True)
     from . import study as study_module
-    from .tracking.store import start_creating
+    from .tracking.store import prepare
 
     if dashboard:
         # nothing to close: SIGTERM ends the server at once. Raised as SystemExit (_on_sigterm) while a request
@@ -294,7 +294,7 @@ def study(spec: str, n_trials: int | None, timeout: float | None, storage: str |
                         echo=lambda line: click.echo(line, err=True))
         return
     study_module.load_spec(spec)  # a bad spec is one line before anything is created
-    start_creating(tracking_uri)  # a new store is made while run_study's modules load
+    prepare(tracking_uri)  # an unreachable server fails now; a new store is made while run_study's modules load
     summary = study_module.run_study(spec, n_trials=n_trials, timeout=timeout, storage=storage,
                                      study_name=study_name, tracking_uri=tracking_uri,
                                      workers=workers if workers == "auto" else int(workers),

@@ -44,3 +44,21 @@ def test_nothing_is_started_for_a_store_that_exists_or_a_server(tmp_path):
     connect(uri)
     assert start_creating(uri) is None
     assert start_creating("http://127.0.0.1:1") is None
+
+
+def test_an_unreachable_server_is_reported_before_torch_loads(tmp_path):
+    """`run` and `study` check the server before their heavy imports: the error comes in well under a second
+    instead of after torch and TransformerLens have loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "studies" / "fastest_grokking.toml"
+    for command in (["run"], ["study", str(spec)]):
+        script = ("import sys\nfrom grokking_tracked.cli import main\ntry:\n"
+                  f"    main({command + ['--tracking-uri', 'http://127.0.0.1:1', '--no-progress']!r})\n"
+                  "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["1", "False"], (command, done.stdout, done.stderr)
+        assert done.stderr.strip() == ("grokking-tracked: error: cannot reach the MLflow tracking server at "
+                                       "http://127.0.0.1:1 (ConnectionError)")

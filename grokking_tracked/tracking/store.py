@@ -61,6 +61,17 @@ def local_store_dir(uri: str) -> Path | None:
     return None
 
 
+def prepare(uri: str | None = None) -> subprocess.Popen | None:
+    """What a command does before its heavy imports (torch, TransformerLens: seconds): a remote server must answer
+    now (``TrackingError`` in seconds, not after the imports), and a new local store starts being created in a
+    separate process (``start_creating``, returned)."""
+    uri = resolve_tracking_uri(uri)
+    if is_remote(uri):
+        probe(uri)
+        return None
+    return start_creating(uri)
+
+
 def start_creating(uri: str | None = None) -> subprocess.Popen | None:
     """Create a new local store in a separate process, returning at once; nothing for a store that exists or a
     remote one. MLflow builds a new SQLite store (its ~100 schema migrations: 2-3 s here) when a client first
@@ -73,6 +84,16 @@ def start_creating(uri: str | None = None) -> subprocess.Popen | None:
         return None
     return subprocess.Popen([sys.executable, "-m", __name__, uri], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def probe(uri: str) -> None:
+    """A remote tracking server answers its health check within seconds, or ``TrackingError`` (one line)."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_SECONDS).raise_for_status()
+    except requests.RequestException as exc:
+        raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({type(exc).__name__})") from None
 
 
 def connect(uri: str | None = None) -> MlflowClient:
@@ -91,12 +112,7 @@ def connect(uri: str | None = None) -> MlflowClient:
             fcntl.flock(lock, fcntl.LOCK_EX)
             return MlflowClient(tracking_uri=uri)
     if is_remote(uri):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_SECONDS).raise_for_status()
-        except requests.RequestException as exc:
-            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({type(exc).__name__})") from None
+        probe(uri)
     return MlflowClient(tracking_uri=uri)
 
 
