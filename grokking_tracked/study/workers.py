@@ -265,10 +265,7 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
                                      experiment, parent.run_id, timeout, progress=progress and n_workers == 1,
                                      lockstep=lockstep, system_metrics=system_metrics)
             if n_trials > count_finished(study):
-                if n_workers == 1:
-                    optimize(replace(settings, sampler_salt=salts[0]), client=client, echo=echo, drawer=drawer)
-                else:
-                    run_workers(settings, n_workers, visible, echo, salts)
+                run_workers(settings, n_workers, visible, echo, salts, client, drawer)
             # the parent run's figures are drawn here while the last trials' are still drawn in the figure process
             summary = finalize(study, spec, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
     finally:
@@ -277,19 +274,33 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
     return summary
 
 
-def run_workers(settings: StudySettings, workers: int, visible: list[str | None], echo,
-                salts: list[str | None]) -> None:
+def run_workers(settings: StudySettings, workers: int, visible: list[str | None], echo, salts: list[str | None],
+                client, drawer: FigureDrawer) -> None:
+    """Worker 0 is this process, with its client and figure process: it has loaded torch, TransformerLens and
+    mlflow and opened the stores already, which a spawned worker does again (~7 CPU s here). Workers 1.. are
+    spawned processes; one that fails does not stop the others, nor does this one's ``StudyError``."""
     threads = max(1, (os.cpu_count() or 1) // workers)
+    # worker 0 trains on the default device, cuda:0 where there are GPUs: visible[0] is "0" or None
+    here = replace(settings, threads=threads if workers > 1 else settings.threads, sampler_salt=salts[0])
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker_main, name=f"study-worker-{i}",
                                  args=(replace(settings, threads=threads, visible_device=visible[i],
                                                sampler_salt=salts[i]),))
-                 for i in range(workers)]
+                 for i in range(1, workers)]
     for process in processes:
         process.start()
-    echo(f"{workers} workers started (pids {', '.join(str(p.pid) for p in processes)}), "
-         f"{threads} torch thread(s) each")
+    if processes:
+        echo(f"{workers} workers started (this process, {os.getpid()}, and pids "
+             f"{', '.join(str(p.pid) for p in processes)}), {threads} torch thread(s) each")
+    failure = None
     try:
+        try:
+            optimize(here, client=client, echo=echo, drawer=drawer)
+        except StudyError as exc:
+            if not processes:
+                raise
+            failure = exc
+            echo(f"grokking-tracked worker {os.getpid()}: {exc}")
         for process in processes:
             process.join()
     except BaseException:
@@ -300,6 +311,6 @@ def run_workers(settings: StudySettings, workers: int, visible: list[str | None]
             process.join(30)
         raise
     failed = [p for p in processes if p.exitcode not in (0, None)]
-    if len(failed) == workers:
-        raise StudyError(f"all {workers} workers failed (exit codes {', '.join(str(p.exitcode) for p in failed)})")
-
+    if failure is not None and len(failed) == len(processes):
+        raise StudyError(f"all {workers} workers failed (this one: {failure}; exit codes of the others: "
+                         f"{', '.join(str(p.exitcode) for p in failed)})")
