@@ -22,7 +22,7 @@ from ..train import Callback, Trainer, TrainingStopped, TrainResult
 from ..tracking.experiment import system_metrics
 from ..tracking.runs import FAILED, FINISHED, KILLED, ROLE_TAG, TrackedRun, status_for
 from ..tracking.store import get_run
-from ..tracking.tracker import FigureDrawer
+from ..tracking.drawer import FigureDrawer
 from .dashboard import DashboardNotes, link_trial_run
 from .spec import StudySpec
 from .storage import retried_trial_number

@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..tracking.runs import ROLE_TAG, TrackedRun
-from ..tracking.tracker import FigureDrawer
+from ..tracking.drawer import FigureDrawer
 from ..train import check_runnable
 from ..tracking.experiment import LOCAL_UI
 from ..tracking.store import connect, is_remote, quote_filter_value, resolve_tracking_uri, runs_view_url

@@ -3,6 +3,7 @@
 - ``store``: where the store is (URI resolution, client, experiments).
 - ``runs``: the one life cycle of every run we write (``TrackedRun``: open, send, end with the right status).
 - ``tracker``: ``MlflowTracker``, the training callback that streams a training into its run.
+- ``drawer``: ``FigureDrawer``, the separate process a study worker draws figures (and writes notes) in.
 - ``experiment``: ``run_experiment`` / ``resume_experiment``.
 - ``fetch``: reading a run back (config, history, checkpoints).
 - ``reanalysis``: ``analyze_run`` / ``compare_runs`` (server -> artifacts -> analysis -> server).

@@ -9,18 +9,16 @@ so every step appears exactly once.
 
 from __future__ import annotations
 
-import importlib
 import json
-import multiprocessing
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
 
 import torch
 from mlflow.entities import Metric
 
 from .. import figures
 from ..train import Callback, TrainingState, TrainResult
+from .drawer import FigureDrawer
 from .provenance import DESCRIPTION_TAG, run_description, runtime_tags
 from .runs import EVENTS_ARTIFACT, TrackedRun, metrics_at
 
@@ -33,39 +31,6 @@ FIGURES_DIR = "figures"
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
-
-
-class FigureDrawer:
-    """Draws runs' figures in a separate process (spawned once, on first use), so that a study worker's next trial
-    trains while the last one's figures are drawn: matplotlib's rendering takes ~0.5-1 s per run on this CPU,
-    more than the rest of a trial's bookkeeping. The figures are drawn from the history, the events and the
-    attention grid alone (no model, no torch in that process)."""
-
-    def __init__(self):
-        self._pool: ProcessPoolExecutor | None = None
-
-    def start(self) -> None:
-        """Spawn the process now and let it import matplotlib (~2-4 s here) while the caller
-        opens its stores and trains the first trial, instead of after that trial ends."""
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            # by name: a function of this module would drag mlflow and torch into that process
-            self._pool.submit(importlib.import_module, figures.__name__)
-
-    def submit(self, directory, history, events, title: str, grid) -> Future:
-        self.start()
-        return self._pool.submit(figures.save_run_figures, str(directory), history, events, title, grid)
-
-    def call(self, function, *args) -> Future:
-        """Run ``function(*args)`` in this process too: other slow, self-contained work that must not hold up the
-        worker (optuna-dashboard's notes). ``function``'s module must import neither torch nor mlflow."""
-        self.start()
-        return self._pool.submit(function, *args)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 class MlflowTracker(Callback):
