@@ -54,11 +54,17 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def local_database(uri: str) -> Path | None:
+    """The database file of a local SQLite store (``sqlite:///path/x.db`` -> ``path/x.db``); None for anything else."""
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        return Path(uri[len("sqlite:///"):]).resolve()
+    return None
+
+
 def local_store_dir(uri: str) -> Path | None:
     """The directory of a local SQLite store (``sqlite:///path/x.db`` -> ``path``); None for anything else."""
-    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
-        return Path(uri[len("sqlite:///"):]).resolve().parent
-    return None
+    database = local_database(uri)
+    return database.parent if database else None
 
 
 def prepare(uri: str | None = None) -> subprocess.Popen | None:
@@ -79,8 +85,8 @@ def start_creating(uri: str | None = None) -> subprocess.Popen | None:
     core, and the command's own ``connect`` finds the store made (or waits for it on the same lock). The process
     has its own session: a Ctrl-C of the command does not stop a migration half-way. Returns that process."""
     uri = resolve_tracking_uri(uri)
-    store = local_store_dir(uri)
-    if store is None or Path(uri[len("sqlite:///"):]).exists():
+    database = local_database(uri)
+    if database is None or database.exists():
         return None
     return subprocess.Popen([sys.executable, "-m", __name__, uri], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
