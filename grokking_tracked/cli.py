@@ -53,6 +53,38 @@ def configure_process(optuna_quiet: bool = False) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
 
 
+def check_spool(tracking_uri: str | None) -> None:
+    """The local spool can be made and written, before any run exists (a dangling link there once hung ``run``)."""
+    from .tracking.spool import check_spool as check
+    from .tracking.store import resolve_tracking_uri
+
+    check(resolve_tracking_uri(tracking_uri))
+
+
+def check_names(**names: str | None) -> None:
+    """Experiment, run and study names, before anything is created (the rule: config.name_problem)."""
+    from .config import name_problem
+
+    for option, name in names.items():
+        if name is not None and (problem := name_problem(name)):
+            raise UserError(f"--{option.replace('_', '-')} {problem}")
+
+
+MAX_WORKERS_PER_CORE = 4  # study workers are single-threaded training processes: more than this only thrash
+
+
+def check_workers(workers: str, lockstep: int | None) -> None:
+    """--workers: 'auto' or 1..4 x the CPU cores; --lockstep: 1..MAX_LOCKSTEP (refused before anything loads)."""
+    most = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+    if workers != "auto" and not (workers.isascii() and workers.isdigit() and 1 <= int(workers) <= most):
+        raise UserError(f"--workers expects 'auto' or an integer from 1 to {most} ({MAX_WORKERS_PER_CORE} per CPU "
+                        f"core), got {workers!r}")
+    from .study.spec import MAX_LOCKSTEP  # (optuna: ~0.3 s, but only after the cheap checks)
+
+    if lockstep is not None and not 1 <= lockstep <= MAX_LOCKSTEP:
+        raise UserError(f"--lockstep expects 1 to {MAX_LOCKSTEP} trials trained together, got {lockstep}")
+
+
 def tracking_uri_option(f):
     return click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_URI_HELP)(f)
 
@@ -125,6 +157,7 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
             raise UserError("--resume continues a run with its own config; only --max-steps may be given "
                             f"(got {', '.join('--' + k.replace('_', '-') for k in unsupported) or '--preset'})")
         configure_process()
+        check_spool(tracking_uri)
         from .tracking import resume_experiment
 
         outcome = resume_experiment(resume_run_id, tracking_uri, progress=progress,
@@ -136,7 +169,9 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
         from .config import preset as make_preset
 
         config = make_preset(preset, **overrides)  # validated before anything heavy loads
+        check_names(experiment=experiment, run_name=run_name)
         configure_process()
+        check_spool(tracking_uri)
         from .tracking.store import prepare
 
         prepare(tracking_uri)  # an unreachable server fails now; a new store is made beside the imports below
@@ -164,7 +199,9 @@ def import_(path: str, experiment: str, run_name: str | None, operation: str, tr
             data_seed: int | None, tracking_uri: str | None) -> None:
     """Import a run trained elsewhere (the earlier project's run folder, or a TransformerLens HookedTransformer
     state dict of the same 1-layer shape) as an MLflow run that analyze and compare work on."""
+    check_names(experiment=experiment, run_name=run_name)
     configure_process()
+    check_spool(tracking_uri)
     from .tracking.importing import import_run
 
     run_id = import_run(path, tracking_uri, experiment=experiment, run_name=run_name, operation=operation,
@@ -276,8 +313,8 @@ def study(spec: str, n_trials: int | None, timeout: float | None, storage: str |
           workers: str, lockstep: int | None, dashboard: bool, port: int, experiment: str | None, progress: bool,
           system_metrics: bool, tracking_uri: str | None) -> None:
     """Run, resume or join an Optuna study from a TOML spec in studies/; every trial is an MLflow run."""
-    if workers != "auto" and not workers.isdigit():
-        raise UserError(f"--workers expects a positive integer or 'auto', got {workers!r}")
+    check_workers(workers, lockstep)
+    check_names(experiment=experiment, study_name=study_name)
     configure_process(optuna_quiet=True)
     from . import study as study_module
     from .tracking.store import prepare

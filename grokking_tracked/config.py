@@ -168,6 +168,10 @@ class Config:
                  f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(options)}")
         need(self.operation != "div" or is_prime(self.p),
              f"operation 'div' needs a prime p (b must be invertible mod p); {self.p} is not prime")
+        pairs = self.p * self.p  # the split of data.make_dataset: round(train_frac * p^2) training pairs, at least 1
+        n_train = max(1, int(round(self.train_frac * pairs)))
+        need(n_train < pairs, f"train_frac {self.train_frac:g} of p^2 = {pairs} pairs leaves no test pair "
+                              f"({n_train} for training): lower train_frac or raise p")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
         # AdamW's decoupled decay multiplies the weights by (1 - lr * weight_decay) each step: at >= 1 they flip
@@ -183,12 +187,23 @@ class Config:
              f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")
         return self
 
+    @property
+    def parameter_count(self) -> int:
+        """Parameters of the HookedTransformer this config builds (embeddings, attention with biases, MLP, unembed)."""
+        d_model, d_mlp, ln = self.d_model, self.d_mlp, 2 * self.d_model * (self.normalization == "ln")
+        layer = 4 * d_model * d_model + 2 * d_model * d_mlp + d_mlp + d_model + 2 * ln  # W_QKVO, MLP, its biases
+        return (self.d_vocab + self.n_ctx) * d_model + self.n_layers * layer + ln + d_model * self.p  # + W_U
+
     def estimated_memory_bytes(self) -> int:
-        """A generous estimate of peak memory while training (evaluation over all p^2 pairs dominates: logits in
-        float32 plus the float64 log-softmax, ~20 bytes per (pair, class); activations per pair). Measured peaks
-        are 2-3x lower (benchmarks/scale.py), so refusing above it only refuses what cannot fit."""
+        """A generous estimate of peak memory while training, in float32: the parameters 4 times (weights,
+        gradients, AdamW's two moments; 5 with Grokfast's EMA of the gradients; one more for a checkpoint's copy),
+        plus the activations of evaluating all p^2 pairs at once (logits plus the float64 log-softmax, ~20 bytes per
+        (pair, class); the residual stream, attention and MLP per pair, kept for the backward pass). Activations
+        alone measured 2-3x lower (benchmarks/scale.py), so refusing above it only refuses what cannot fit."""
+        copies = 4 + (self.grokfast_lambda > 0) + 1
         pairs = self.p * self.p
-        return int(pairs * (20 * self.p + 8 * self.d_mlp * self.n_layers + 48 * self.d_model * self.n_layers))
+        activations = pairs * (20 * self.p + 8 * self.d_mlp * self.n_layers + 48 * self.d_model * self.n_layers)
+        return int(4 * copies * self.parameter_count + activations)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +234,10 @@ _FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 def coerce(name: str, value: Any) -> Any:
     """Turn a string or number into the field's type, with a one-line error on failure."""
     kind = _FIELD_TYPES[name]
+    if isinstance(value, bool) and kind in ("int", "float"):  # a TOML `true` is an int to Python: refuse it
+        raise ConfigError(f"{name} expects a {kind}, got {value!r}")
+    if kind == "bool" and not isinstance(value, (bool, str)) and value not in (0, 1):
+        raise ConfigError(f"{name} expects true or false, got {value!r}")
     try:
         if kind == "bool":
             if isinstance(value, str):
@@ -236,6 +255,29 @@ def coerce(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} expects a {kind}, got {value!r}") from None
+
+
+MAX_NAME_CHARS = 250
+
+
+def name_problem(name: Any) -> str | None:
+    """Why an experiment, run or study name is refused (a phrase), or None. A name is printable text: no control
+    characters (they break the one-line output and terminals), digits only ASCII 0-9 (a name with the Arabic-Indic
+    '٣' looks like one with '3' and sorts apart from it), other letters of any script are fine, at most 250
+    characters."""
+    import unicodedata
+
+    if not isinstance(name, str) or not name.strip():
+        return f"must be a non-empty string, got {name!r}"
+    if len(name) > MAX_NAME_CHARS:
+        return f"is {len(name)} characters long; at most {MAX_NAME_CHARS}"
+    for char in name:
+        category = unicodedata.category(char)
+        if category.startswith("C"):
+            return f"contains the control character {char!r}"
+        if category == "Nd" and not "0" <= char <= "9":
+            return f"contains the non-ASCII digit {char!r} ({unicodedata.name(char, '?')}); use 0-9"
+    return None
 
 
 # Presets are overrides on the defaults. `default` is CPU-sized with a visible grokking delay.

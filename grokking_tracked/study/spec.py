@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 
-from ..config import PRESETS, Config, ConfigError, UserError, preset
+from ..config import PRESETS, Config, ConfigError, UserError, name_problem, preset
 
 OBJECTIVES = ("steps", "seconds", "steps_vs_train_frac")
 PRUNE_METRICS = ("test_loss", "test_error")  # test_error = 1 - test_acc (minimised like the objective)
@@ -56,6 +56,16 @@ class Param:
         if self.type == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return trial.suggest_categorical(self.name, self.choices)
+
+    def grid_size(self) -> int | None:
+        """Points of this parameter's grid, counted without making it (None: no grid: a float without step)."""
+        if self.values is not None:
+            return len(self.values)
+        if self.type == "categorical":
+            return len(self.choices)
+        if self.type == "int":
+            return len(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        return None if self.step is None else int(round((self.high - self.low) / self.step)) + 1
 
     def grid(self) -> list:
         if self.values is not None:
@@ -147,9 +157,8 @@ def load_spec(path: str | Path) -> StudySpec:
     spec = StudySpec(path=str(path), name=study.get("name", path.stem), text=text)
     spec.experiment = study.get("experiment", spec.experiment)
     for key in ("name", "experiment"):
-        value = getattr(spec, key)
-        if not isinstance(value, str) or not value.strip():
-            fail(f"[study] {key} must be a non-empty string, got {value!r}")
+        if problem := name_problem(getattr(spec, key)):
+            fail(f"[study] {key} {problem}")
     if "'" in spec.name and '"' in spec.name:  # MLflow's filter strings cannot quote such a name
         fail(f"[study] name {spec.name!r} contains both quote characters; MLflow cannot search for it")
     for key in ("n_trials", "heartbeat_interval", "grace_period", "max_retry", "lockstep"):
@@ -158,6 +167,8 @@ def load_spec(path: str | Path) -> StudySpec:
                 fail(f"[study] {key} must be a {'non-negative' if key in ('max_retry', 'n_trials') else 'positive'} "
                      f"integer, got {study[key]!r}")
             setattr(spec, key, study[key])
+    if spec.lockstep > MAX_LOCKSTEP:
+        fail(f"[study] lockstep must be at most {MAX_LOCKSTEP} trials trained together, got {spec.lockstep}")
     if spec.grace_period <= spec.heartbeat_interval:
         fail(f"[study] grace_period ({spec.grace_period} s) must exceed heartbeat_interval "
              f"({spec.heartbeat_interval} s), or live trials would be declared dead")
@@ -217,6 +228,11 @@ def load_spec(path: str | Path) -> StudySpec:
         if with_values:
             fail(f"search parameter {with_values[0]}: `values` is the grid sampler's; with sampler {spec.sampler!r} "
                  "use low/high (and step) or choices")
+    if spec.sampler in ("grid", "bruteforce"):  # samplers that enumerate the space: it must be finite and small
+        sizes = [p.grid_size() for p in spec.params]
+        if None not in sizes and math.prod(sizes) > MAX_GRID:
+            fail(f"the {spec.sampler} sampler's space has {math.prod(sizes):,} points "
+                 f"({' x '.join(map(str, sizes))}); at most {MAX_GRID:,}: coarsen `step` or list `values`")
     _check_corners(spec.params, base, fail)
     _dry_run(spec, fail)
     return spec
@@ -231,6 +247,8 @@ def is_number(value: Any) -> bool:
 
 
 MAX_CORNERS = 4096
+MAX_GRID = 100_000  # points of an enumerated search space (each one a trial): beyond it, a typo in `step`
+MAX_LOCKSTEP = 64  # trials trained together in one process (study/lockstep.py); beyond it, a typo
 
 
 def _check_corners(params: list[Param], base: Config, fail) -> None:

@@ -12,12 +12,21 @@ primary key (run, key, timestamp, step, value, is_nan: ``SqlAlchemyStore._log_me
 IntegrityError and inserts only the missing rows; tested against a real server in tests/test_outbox.py).
 Params of the same value, tags, artifact uploads (PUT) and status updates are idempotent.
 
-Errors. What an outage looks like (no connection, reset, timeout, HTTP 5xx/408/429, a locked SQLite
-store) is retried forever with back-off capped at ``max_backoff``: the queue waits, training goes on. Any
-other error (HTTP 4xx such as INVALID_PARAMETER_VALUE, a missing payload) is permanent: the entry moves
-to ``failed/`` with the error, one line is echoed, delivery goes on, and ``wait()`` returns False from
-then on (``failures`` says why). A server that answers 500 for one request forever would hold the queue:
-its line names the reason, and ``wait(timeout)`` bounds how long a caller waits.
+Errors (classified in outage.py). What an outage looks like (no connection, reset, timeout, HTTP
+5xx/408/429, any HTTP error that is not MLflow's own JSON answer: a proxy's 404/401/403 page, a locked
+SQLite store) is retried forever with back-off capped at ``max_backoff``: the queue waits, training goes
+on, and the caller's ``wait(timeout)`` bounds how long it waits. MLflow's own refusal (a 4xx such as
+INVALID_PARAMETER_VALUE) or a local error (a missing payload, a value out of range) sets the entry aside at
+once. MLflow's own 500 is either its store being away or a request it can never take (a poison entry): the
+outbox asks the server for the run; if that works, the entry counts one refusal, and after
+``POISON_TRIES`` it is set aside. Set aside = moved to ``failed/`` with the error, one line echoed, the
+entries behind it still flow, and ``wait()`` returns False from then on (``failures`` says why).
+
+No FINISHED without its data: a FINISHED status that comes after set-aside entries is sent as FAILED and
+itself kept (held) in ``failed/``. An adopted spool (``deliver_spool``: ``sync``, ``--resume``) first puts
+back the set-aside entries whose cause may have passed (everything but MLflow's INVALID_PARAMETER_VALUE
+and local errors), in their original order; once all of them arrive, the held status makes the run
+FINISHED -- if the run is still as we left it (FAILED at our end time; a resumed run is not overwritten).
 
 Durable against process death, not an OS crash: entries are not fsync()ed (that costs ms each).
 """
@@ -36,13 +45,15 @@ from pathlib import Path
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 
-from .outage import is_transient, short_reason
-from .spool import (ENTRY_NAME, SpoolDelivery, deliver_spool, lock_writer_dir, new_writer_dir, run_spool_dir,
-                    spool_root_for, write_atomically)
+from .outage import OUTAGE, REFUSED, SUSPECT, classify, from_mlflow, short_reason
+from .spool import (ENTRY_NAME, SpoolDelivery, Busy, lock_writer_dir, new_writer_dir, run_spool_dir, spool_root_for,
+                    write_atomically, writer_dirs)
 
 __all__ = ["Outbox", "OutboxClosed", "SpoolDelivery", "deliver_spool", "spool_root_for", "run_spool_dir"]
 
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
+POISON_TRIES = 4  # MLflow's own 500s to one entry, while it answers for the run, before the entry is set aside
+FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE",)  # MLflow's refusals that no later attempt can pass
 # log_batch limits of the MLflow REST API (mlflow.utils.validation): consecutive small batches are sent
 # as one request when catching up after an outage (1,000 metrics = ~140 evaluations of 7 metrics).
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100
@@ -58,13 +69,47 @@ class OutboxClosed(RuntimeError):
     """An operation was enqueued after ``close()``."""
 
 
+def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Callable[[str], None] | None = None,
+                  max_backoff: float = 30.0) -> SpoolDelivery:
+    """Deliver what dead writers left under ``directory`` (a spool root, or one run's directory):
+    each writer in creation order, entry by entry in order, retrying outages up to ``timeout`` seconds in
+    all. A run's later writers wait for its earlier ones; spools of live processes are skipped.
+    Entries set aside earlier are tried again first (see the module docstring); what is still refused
+    stays in ``<writer>/failed/`` and is listed in ``failed``."""
+    report, deadline, blocked = SpoolDelivery(), time.monotonic() + timeout, set()
+    for writer, run_id in writer_dirs(Path(directory)):
+        if run_id in blocked:
+            report.pending += sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name))
+            continue
+        try:
+            outbox = Outbox(client, run_id, echo=echo, max_backoff=max_backoff, _adopt=writer)
+        except Busy:
+            report.busy.append(writer)
+            blocked.add(run_id)
+            continue
+        before = outbox.pending
+        outbox.wait(max(0.0, deadline - time.monotonic()))
+        left, failures = outbox.pending, outbox.failures
+        outbox.close()
+        report.delivered += before - left - len(failures)
+        report.pending += left
+        report.failed += failures
+        if (writer / "failed").is_dir():
+            earlier = sum(1 for p in (writer / "failed").iterdir() if ENTRY_NAME.match(p.name)) - len(failures)
+            if earlier > 0:
+                report.failed.append(f"{earlier} operations of run {run_id} refused earlier are kept in {writer / 'failed'}")
+        if left:
+            blocked.add(run_id)
+    return report
+
+
 def _describe(entry: dict) -> str:
     if entry["op"] == "batch":
         return f"a batch of {len(entry['metrics'])} metrics, {len(entry['params'])} params, {len(entry['tags'])} tags"
     if entry["op"] == "artifact":
         return f"artifact {'/'.join(filter(None, [entry['dir'], Path(entry['file']).name]))}"
     if entry["op"] == "status":
-        return f"status {entry['status']}"
+        return f"status {entry['status']}{' (held)' if entry.get('held') else ''}"
     if entry["op"] == "inputs":
         return f"{len(entry['datasets'])} dataset inputs"
     return "an unreadable entry"
@@ -87,6 +132,7 @@ class Outbox:
             self._dir, self._lock_fd = new_writer_dir(run_dir, run_id, client.tracking_uri)
         else:  # a dead writer's spool, delivered by deliver_spool; Busy if its writer still lives
             self._dir, self._lock_fd = _adopt, lock_writer_dir(_adopt)
+            self._requeue_set_aside()
         existing = sorted(int(m.group(1)) for p in self._dir.iterdir() if (m := ENTRY_NAME.match(p.name)))
         self._next_seq = existing[-1] + 1 if existing else 0
         self._done_seq = existing[0] if existing else 0  # entries below this are delivered or failed
@@ -178,7 +224,12 @@ class Outbox:
         RunStatus.from_string(status)  # refuse a typo here, not in the delivery thread
         if RunStatus.is_terminated(RunStatus.from_string(status)) and end_time_ms is None:
             end_time_ms = int(time.time() * 1000)
-        self._enqueue({"op": "status", "status": status, "end_time": end_time_ms})
+        try:
+            self._enqueue({"op": "status", "status": status, "end_time": end_time_ms})
+        except OSError:  # the spool cannot take it (full disk): end the run directly, never leave it RUNNING
+            if RunStatus.is_terminated(RunStatus.from_string(status)):
+                self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status, end_time_ms)
+            raise
 
     def _enqueue(self, entry: dict, file_name: str | None = None, fill: Callable[[Path], object] | None = None,
                  ) -> None:
@@ -252,6 +303,7 @@ class Outbox:
     def _deliver_loop(self) -> None:
         backoff = BACKOFF_START_S
         split_until = -1  # after a permanent error of a merged batch, retry its entries one by one
+        refusals = (-1, 0)  # (entry, MLflow's own 500s to it while the server answered for the run)
         while True:
             with self._cond:
                 while self._done_seq == self._next_seq and not self._closing.is_set():
@@ -268,15 +320,26 @@ class Outbox:
                 self._finish(first + 1)
                 continue
             try:
-                self._send([entry for _, entry in group])
-            except Exception as exc:  # classified below: an outage is retried, anything else is reported
-                if is_transient(exc):
+                if group[0][1]["op"] == "status" and not self._send_status(group[0][0], group[0][1]):
+                    continue  # held in failed/ (see the module docstring)
+                if group[0][1]["op"] != "status":
+                    self._send([entry for _, entry in group])
+            except Exception as exc:  # classified below: an outage is retried, a refusal is set aside
+                kind = classify(exc)
+                if kind == SUSPECT and len(group) == 1 and self._server_answers():
+                    seq = group[0][0]
+                    refusals = (seq, refusals[1] + 1 if refusals[0] == seq else 1)
+                    if refusals[1] >= POISON_TRIES:
+                        self._fail(seq, group[0][1], exc, tries=refusals[1])
+                        continue
+                elif kind != REFUSED:
                     self._outage(exc)
+                if kind != REFUSED and not (kind == SUSPECT and len(group) > 1):
                     if self._closing.wait(backoff):
                         return
                     backoff = min(backoff * 2, self._max_backoff)
                     continue
-                if len(group) > 1:
+                if len(group) > 1:  # find the refused entry among the merged ones
                     split_until = group[-1][0]
                     continue
                 self._fail(group[0][0], group[0][1], exc)
@@ -312,6 +375,66 @@ class Outbox:
                 break
         return group
 
+    def _server_answers(self) -> bool:
+        """Whether the server answers a plain request for this run now (so a 500 is about the entry)."""
+        try:
+            self.client.get_run(self.run_id)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means: not a healthy server right now
+            return False
+
+    def _set_aside(self) -> int:
+        """How many data entries of this writer are in failed/ (held statuses are not data)."""
+        failed = self._dir / "failed"
+        if not failed.is_dir():
+            return 0
+        count = 0
+        for path in failed.iterdir():
+            if ENTRY_NAME.match(path.name):
+                try:
+                    count += json.loads(path.read_text()).get("op") != "status"
+                except (OSError, ValueError):
+                    count += 1
+        return count
+
+    def _send_status(self, seq: int, entry: dict) -> bool:
+        """Send a status entry; False if it was held instead (a FINISHED after set-aside entries)."""
+        if entry["status"] == "FINISHED" and (missing := self._set_aside()):
+            self.client.set_terminated(self.run_id, "FAILED", entry["end_time"])
+            self._fail(seq, {**entry, "held": True}, RuntimeError(
+                f"{missing} operations were set aside: ended FAILED, not FINISHED; `grokking-tracked sync` "
+                f"retries them and then marks it FINISHED"), kept=True)
+            return False
+        if entry.get("held"):  # from an earlier attempt: only if nobody has continued the run since
+            info = self.client.get_run(self.run_id).info
+            if info.status != "FAILED" or info.end_time != entry["end_time"]:
+                self._echo(f"run {self.run_id} was continued after it ended without all its data; "
+                           f"its old FINISHED status is dropped")
+                return True
+        self._send([entry])
+        return True
+
+    def _requeue_set_aside(self) -> None:
+        """Put back what an earlier attempt set aside whose cause may have passed (see the module docstring)."""
+        failed = self._dir / "failed"
+        if not failed.is_dir():
+            return
+        for path in sorted(failed.iterdir()):
+            if not ENTRY_NAME.match(path.name):
+                continue
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not entry.pop("may_pass", True):
+                continue
+            entry.pop("error", None)
+            files = failed / path.name.replace(".json", ".files")
+            if files.exists():
+                files.rename(self._dir / files.name)
+            write_atomically(self._dir / path.name, json.dumps(entry))
+            path.unlink()
+
     def _send(self, entries: list[dict]) -> None:
         entry = entries[0]
         if entry["op"] == "artifact":
@@ -342,15 +465,26 @@ class Outbox:
             self._done_seq = max(self._done_seq, end)
             self._cond.notify_all()
 
-    def _fail(self, seq: int, entry: dict, exc: BaseException) -> None:
+    def _fail(self, seq: int, entry: dict, exc: BaseException, tries: int = 0, kept: bool = False) -> None:
+        """Set an entry aside in failed/ with one line (``tries``: a poison entry; ``kept``: a held status)."""
         failed = self._dir / "failed"
         failed.mkdir(exist_ok=True)
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        line = f"the tracking server refused {_describe(entry)} of run {self.run_id} ({message}); kept in {failed}"
+        if kept:
+            line = f"run {self.run_id}: {message}"
+        else:
+            why = f"after {tries} refusals while it answered other requests; " if tries else ""
+            line = (f"the tracking server refused {_describe(entry)} of run {self.run_id} ({why}{message}); "
+                    f"set aside in {failed}")
+        # Whether a later attempt (sync) may succeed: not for MLflow's word that the value is invalid, nor
+        # for a local error (a missing payload, a value the client cannot encode).
+        final = (from_mlflow(exc) and getattr(exc, "error_code", None) in FINAL_ERROR_CODES) or (
+            not kept and classify(exc) == REFUSED and not from_mlflow(exc)
+            and getattr(getattr(exc, "response", None), "status_code", None) is None)
         files = self._dir / f"{seq:010d}.files"
         if files.exists():
             files.rename(failed / files.name)
-        write_atomically(failed / f"{seq:010d}.json", json.dumps({**entry, "error": message}))
+        write_atomically(failed / f"{seq:010d}.json", json.dumps({**entry, "error": message, "may_pass": not final}))
         (self._dir / f"{seq:010d}.json").unlink(missing_ok=True)
         with self._cond:
             self._failures.append(line)

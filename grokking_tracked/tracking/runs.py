@@ -26,9 +26,9 @@ from mlflow.entities import Metric, Param
 from ..config import Config
 from ..train import TrainingStopped
 from .lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
-from .outbox import Outbox
+from .outbox import Outbox, deliver_spool
 from .provenance import context_tags, dataset_inputs, default_run_name
-from .spool import deliver_spool, run_spool_dir, spool_root_for
+from .spool import run_spool_dir, spool_root_for
 from .store import TrackingError, check_artifact_location, ensure_experiment, get_run
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"

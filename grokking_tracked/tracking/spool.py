@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -77,6 +77,19 @@ class Busy(Exception):
     """A writer directory is locked by a live process."""
 
 
+class SpoolUnusable(OSError):
+    """The spool cannot be created or written (a dangling link in the way, read-only, a full disk)."""
+
+
+_WRITER_DIR_TRIES = 1000
+
+
+def _blocked(directory: Path) -> bool:
+    """Whether some ancestor of ``directory`` is a file or a dangling link (mkdir(parents=True) fails)."""
+    return any(parent.is_symlink() and not parent.exists() or parent.exists() and not parent.is_dir()
+               for parent in directory.parents)
+
+
 def lock_writer_dir(path: Path) -> int:
     """flock() a writer directory for this process's lifetime (the kernel drops it on any death, SIGKILL
     included); the open descriptor, to be closed when done. Busy if a live process holds it."""
@@ -92,18 +105,29 @@ def lock_writer_dir(path: Path) -> int:
 def new_writer_dir(run_dir: Path, run_id: str, tracking_uri: str) -> tuple[Path, int]:
     """A fresh, locked writer directory under ``run_dir`` and its lock descriptor. writer.json is written
     last, after the lock is held: deliver_spool only looks at directories that have it."""
-    while True:  # a pid (and our counter) can repeat after a reboot: never reuse a leftover directory
+    for _ in range(_WRITER_DIR_TRIES):  # a pid (and our counter) can repeat after a reboot: never reuse one
         path = run_dir / f"{_safe(this_host())}-{os.getpid()}-{next(_writer_numbers)}"
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             path.mkdir()
             break
         except (FileExistsError, FileNotFoundError):  # taken, or the run's directory was just emptied
+            if not run_dir.is_dir() and (run_dir.exists() or run_dir.is_symlink() or _blocked(run_dir)):
+                raise SpoolUnusable(f"cannot create the spool {run_dir}: a file or a dangling link is in the way "
+                                    f"(set {SPOOL_ENV} to a writable directory)") from None
             continue
-    fd = lock_writer_dir(path)
-    write_atomically(path / "writer.json", json.dumps({
-        "run_id": run_id, "tracking_uri": tracking_uri, "host": this_host(), "pid": os.getpid(),
-        "created": time.time()}))
+        except OSError as error:  # read-only, full disk, no permission: a local fault the user must fix
+            raise SpoolUnusable(f"cannot create the spool {path}: {error.strerror or error} "
+                                f"(set {SPOOL_ENV} to a writable directory)") from None
+    else:
+        raise SpoolUnusable(f"cannot create a writer directory in the spool {run_dir}")
+    try:
+        fd = lock_writer_dir(path)
+        write_atomically(path / "writer.json", json.dumps({
+            "run_id": run_id, "tracking_uri": tracking_uri, "host": this_host(), "pid": os.getpid(),
+            "created": time.time()}))
+    except OSError as error:
+        raise SpoolUnusable(f"cannot write the spool {path}: {error.strerror or error}") from None
     return path, fd
 
 
@@ -140,36 +164,23 @@ class SpoolDelivery:
         return not (self.pending or self.failed)
 
 
-def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Callable[[str], None] | None = None,
-                  max_backoff: float = 30.0) -> SpoolDelivery:
-    """Deliver what dead writers left under ``directory`` (a spool root, or one run's directory):
-    each writer in creation order, entry by entry in order, retrying outages up to ``timeout`` seconds in
-    all. A run's later writers wait for its earlier ones; spools of live processes are skipped.
-    Entries refused earlier stay in ``<writer>/failed/`` and are listed in ``failed``."""
-    from .outbox import Outbox  # outbox.py imports this module
-
-    report, deadline, blocked = SpoolDelivery(), time.monotonic() + timeout, set()
-    for writer, run_id in writer_dirs(Path(directory)):
-        if run_id in blocked:
-            report.pending += sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name))
-            continue
-        try:
-            outbox = Outbox(client, run_id, echo=echo, max_backoff=max_backoff, _adopt=writer)
-        except Busy:
-            report.busy.append(writer)
-            blocked.add(run_id)
-            continue
-        before = outbox.pending
-        outbox.wait(max(0.0, deadline - time.monotonic()))
-        left, failures = outbox.pending, outbox.failures
-        outbox.close()
-        report.delivered += before - left - len(failures)
-        report.pending += left
-        report.failed += failures
-        if (writer / "failed").is_dir():
-            earlier = sum(1 for p in (writer / "failed").iterdir() if ENTRY_NAME.match(p.name)) - len(failures)
-            if earlier > 0:
-                report.failed.append(f"{earlier} operations of run {run_id} refused earlier are kept in {writer / 'failed'}")
-        if left:
-            blocked.add(run_id)
-    return report
+def check_spool(tracking_uri: str) -> Path:
+    """Before a run is created: the spool root of ``tracking_uri`` exists (made if needed) and takes a file.
+    ``SpoolUnusable`` in one line otherwise (a dangling link or a file in the way, read-only, a full disk)."""
+    root = spool_root_for(tracking_uri)
+    hint = f"set {SPOOL_ENV} to a writable directory" if not tracking_uri.startswith(("sqlite:", "file:", "/")) \
+        else "the spool lives beside the store"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SpoolUnusable(f"cannot create the spool {root}: a file or a dangling link is in the way ({hint})") from None
+    except OSError as error:
+        raise SpoolUnusable(f"cannot create the spool {root}: {error.strerror or error} ({hint})") from None
+    probe = root / f".probe-{this_host()}-{os.getpid()}"
+    try:
+        probe.write_bytes(b"\0" * 4096)  # a block: a full disk refuses it
+    except OSError as error:
+        raise SpoolUnusable(f"cannot write to the spool {root}: {error.strerror or error} ({hint})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return root
