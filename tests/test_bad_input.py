@@ -99,6 +99,12 @@ RUN_CASES = [
     (["--operation", "div", "--p", "60"], "needs a prime p"),
     (["--device", "cuda"], "sees no CUDA GPU"),
     (["--p", "1500"], "GiB while training"),
+    # parameters x (weights, gradients, AdamW's two moments): ~64 GiB; the old estimate (activations only) let it run
+    (["--d-model", "16384", "--d-mlp", "65536"], "GiB while training"),
+    (["--p", "3", "--train-frac", "0.99"], "leaves no test pair"),
+    (["--run-name", "run-\u0663"], "--run-name contains the non-ASCII digit"),
+    (["--experiment", "grok\x07king"], "--experiment contains the control character"),
+    (["--run-name", " "], "--run-name must be a non-empty string"),
     (["--resume", "0123456789abcdef0123456789abcdef"], "no MLflow run with id"),
     (["--resume", "0123456789abcdef0123456789abcdef", "--lr", "0.1"], "only --max-steps may be given"),
 ]
@@ -144,6 +150,16 @@ SPEC_CASES = {
     "pruner argument of the wrong type": ({'name = "none"': 'name = "median"\nn_warmup_steps = "ten"'},
                                           "pruner median: '<' not supported"),
     "malformed": ({"[search]": "[search"}, "malformed TOML"),
+    "max_steps boolean": ({"max_steps = 40": "max_steps = true"}, "max_steps expects a int, got True"),
+    "boolean among int choices": ({"[search]\n": "[search]\nd_mlp = { choices = [64, true] }\n"},
+                                  "d_mlp expects a int, got True"),
+    "name with a non-ASCII digit": ({'name = "bad"': 'name = "bad-\u0663"'}, "[study] name contains the non-ASCII digit"),
+    "experiment with a control character": ({'name = "bad"': 'name = "bad"\nexperiment = "a\\u001bb"'},
+                                            "[study] experiment contains the control character"),
+    "grid that explodes": ({'name = "random"': 'name = "grid"', "low = 3e-3, high = 3e-2, log = true": "values = [3e-3, 3e-2]",
+                            "low = 0.4, high = 0.8": "low = 0.4, high = 0.8, step = 1e-7"},
+                           "the grid sampler's space has 8,000,002 points"),
+    "lockstep beyond sense": ({"grace_period = 3": "grace_period = 3\nlockstep = 1000"}, "lockstep must be at most 64"),
 }
 
 
@@ -161,10 +177,15 @@ def test_bad_study_spec_is_one_line_and_creates_nothing(tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("args, message", [
     (["--n-trials", "-1"], "--n-trials must be >= 0"),
-    (["--workers", "0"], "--workers must be >= 1"),
-    (["--workers", "many"], "--workers expects a positive integer or 'auto'"),
+    (["--workers", "0"], "--workers expects 'auto' or an integer from 1 to"),
+    (["--workers", "many"], "--workers expects 'auto' or an integer from 1 to"),
+    (["--workers", "100000"], "--workers expects 'auto' or an integer from 1 to"),
+    (["--workers", "\u0663"], "--workers expects 'auto' or an integer from 1 to"),
     (["--timeout", "0"], "--timeout must be a positive number"),
-    (["--lockstep", "0"], "--lockstep must be >= 1"),
+    (["--lockstep", "0"], "--lockstep expects 1 to 64"),
+    (["--lockstep", "1000"], "--lockstep expects 1 to 64"),
+    (["--experiment", "x\x1by"], "--experiment contains the control character"),
+    (["--study-name", "s\u0663"], "--study-name contains the non-ASCII digit"),
 ])
 def test_bad_study_options_are_one_line_and_create_nothing(tmp_path, capsys, monkeypatch, args, message):
     spec = spec_with(tmp_path)

@@ -229,8 +229,8 @@ def load_spec(path: str | Path) -> StudySpec:
             fail(f"search parameter {with_values[0]}: `values` is the grid sampler's; with sampler {spec.sampler!r} "
                  "use low/high (and step) or choices")
     if spec.sampler in ("grid", "bruteforce"):  # samplers that enumerate the space: it must be finite and small
-        sizes = [p.grid_size() for p in spec.params]
-        if None not in sizes and math.prod(sizes) > MAX_GRID:
+        sizes = [size for p in spec.params if (size := p.grid_size()) is not None]
+        if math.prod(sizes) > MAX_GRID:
             fail(f"the {spec.sampler} sampler's space has {math.prod(sizes):,} points "
                  f"({' x '.join(map(str, sizes))}); at most {MAX_GRID:,}: coarsen `step` or list `values`")
     _check_corners(spec.params, base, fail)
