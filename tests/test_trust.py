@@ -181,6 +181,26 @@ def test_redact_hides_passwords_in_uris_secret_options_and_assignments():
     assert redact(harmless) == harmless
 
 
+def test_every_tag_param_and_text_a_tracked_run_writes_is_redacted(mlflow_server, tmp_path):
+    from mlflow.entities import Param
+
+    from grokking_tracked.tracking.runs import TrackedRun
+
+    password = f"Pw-{uuid.uuid4().hex}"
+    secret_uri = f"postgresql://carol:{password}@db:5432/optuna"
+    with TrackedRun.create(MlflowClient(mlflow_server), f"secret-tags-{uuid.uuid4().hex[:8]}",
+                           run_name=f"with {secret_uri}", tags={"storage": secret_uri},
+                           params=[Param("where", secret_uri)], artifacts={"opening.json": {"storage": secret_uri}},
+                           leased=False) as run:
+        run.set_tags({"later": f"--token {password}"})
+        run.log_params({"later_param": f"https://h/x?password={password}"})
+        run.log_text(f"see {secret_uri}", "notes/text.txt")
+        run.log_dict({"uri": secret_uri}, "notes/dict.json")
+    written = everything_written(MlflowClient(mlflow_server), run.run_id, tmp_path)
+    assert "postgresql://carol:***@db:5432/optuna" in written and "--token ***" in written
+    assert password not in written
+
+
 def test_no_password_of_the_tracking_uri_lands_in_a_run(mlflow_server, tmp_path):
     password = f"Pw-{uuid.uuid4().hex}"
     experiment = f"secret-run-{uuid.uuid4().hex[:8]}"
@@ -194,6 +214,12 @@ def test_no_password_of_the_tracking_uri_lands_in_a_run(mlflow_server, tmp_path)
     assert "--tracking-uri http://alice:***@" in written  # the command line is kept, its password is not
     assert password not in written
     assert password not in result.stdout + result.stderr
+    analyzed = run_cli("analyze", runs[0].info.run_id, "--no-progress", "--tracking-uri",
+                       with_password(mlflow_server, "alice", password), cwd=tmp_path, env=CLIENT_ENV)
+    assert analyzed.returncode == 0, analyzed.stderr[-2000:]
+    written = everything_written(server, runs[0].info.run_id, tmp_path / "analyzed")
+    assert "analysis.1.provenance" in written and password not in written
+    assert password not in analyzed.stdout + analyzed.stderr
 
 
 @pytest.fixture
@@ -210,7 +236,9 @@ def postgres_url_with_password(postgres_url):
     with psycopg.connect(dbname="postgres", autocommit=True, **PG_DSN) as admin:
         admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
         admin.execute(f'ALTER DATABASE "{database}" OWNER TO {PG_DSN["user"]}')
-        admin.execute(f"DROP OWNED BY {role}")
+    with psycopg.connect(dbname=database, autocommit=True, **PG_DSN) as owner:  # DROP OWNED acts per database
+        owner.execute(f"DROP OWNED BY {role}")
+    with psycopg.connect(dbname="postgres", autocommit=True, **PG_DSN) as admin:
         admin.execute(f"DROP ROLE {role}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -46,6 +47,12 @@ class _CheckedTrackingService(TrackingServiceClient):
         repository = get_artifact_repository(location, tracking_uri=self.tracking_uri)
         with self._repositories_lock:
             return self._repositories.setdefault(run_id, repository)
+
+    def _log_url(self, run_id: str) -> None:
+        """MLflow prints "View run ... at: <tracking URI>" when a run ends: with credentials in the URI, that line
+        would show them; our commands print the link without them instead."""
+        if "@" not in urlsplit(self.tracking_uri).netloc:
+            super()._log_url(run_id)
 
     # MLflow calls these for every artifact transfer of a run (log_artifact(s), log_image, log_text, ...)
     def _get_artifact_repo(self, resource_id: str, *, resource: str = "run"):
