@@ -9,7 +9,7 @@ import warnings
 import optuna
 
 from .spec import StudyError, StudySpec
-from .storage import redact
+from ..tracking.redact import redact, without_userinfo
 
 # Study user attrs (shown by optuna-dashboard, read by anyone with the storage).
 PARENT_RUN_URL_ATTR = "mlflow_parent_run_url"
@@ -33,7 +33,7 @@ def ui_base(tracking_uri: str) -> str:
     from ..tracking.experiment import LOCAL_UI
     from ..tracking.store import is_remote
 
-    return tracking_uri if is_remote(tracking_uri) else LOCAL_UI
+    return without_userinfo(tracking_uri) if is_remote(tracking_uri) else LOCAL_UI  # a link: no credentials
 
 
 def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -62,7 +62,8 @@ class DashboardNotes:
         return cls(study._storage, study.study_name)
 
     def save(self, trial_id: int | None, body: str) -> None:
-        """The note of the study (``trial_id`` None) or of one of its trials (Markdown)."""
+        """The note of the study (``trial_id`` None) or of one of its trials (Markdown), secrets redacted."""
+        body = redact(body)
         if self.side is None:
             save_note(self.storage, self.study_name, trial_id, body)
         else:  # a note that failed to save is no reason to stop: the user attrs hold the same links

@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..lockstep import SHARED_FIELDS, LockstepTrainer, check_compatible
+from ..tracking.tracker import MlflowTracker
 from ..train import Callback, TrainResult
 from .spec import StudyError, StudySpec
 from .storage import count_finished, heartbeat
@@ -96,7 +97,7 @@ def optimize_lockstep(study: optuna.Study, context: StudyContext, k: int, n_tria
         if deadline is not None and time.monotonic() >= deadline:
             return
         configs, members = _open_batch(study, context, min(k, n_trials - finished))
-        callbacks = [[m.trial_run.run.tracker(drawer=context.drawer), m.pruning, m] for m in members]
+        callbacks = [[MlflowTracker(m.trial_run.run, drawer=context.drawer), m.pruning, m] for m in members]
         with contextlib.ExitStack() as beats:  # a killed worker's trials go stale and are retried
             for member in members:
                 beats.enter_context(heartbeat(study, member.trial))

@@ -13,22 +13,13 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..tracking.redact import redact
 from ..tracking.store import EMBEDDED_STORE_DIR, local_store_dir
 from .spec import StudyError, StudySpec, make_pruner, make_sampler
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_STORAGE_FILE = "optuna.db"  # beside the embedded MLflow store's database
 SCHEMA_RACE_ATTEMPTS = 5
-
-
-def redact(url: str) -> str:
-    """The storage URL with any password replaced by ***."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: nothing to hide in it
-        return url
 
 
 def default_storage(tracking_uri: str) -> str:

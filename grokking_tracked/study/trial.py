@@ -23,6 +23,7 @@ from ..tracking.experiment import system_metrics
 from ..tracking.runs import FAILED, FINISHED, KILLED, ROLE_TAG, TrackedRun, status_for
 from ..tracking.store import get_run
 from ..tracking.drawer import FigureDrawer
+from ..tracking.tracker import MlflowTracker
 from .dashboard import DashboardNotes, link_trial_run
 from .spec import StudySpec
 from .storage import retried_trial_number
@@ -207,7 +208,7 @@ class Objective:
         config = trial_config(context.spec, trial)
         pruning = PruningCallback(trial, context.spec)
         with TrialRun.open(context, trial, config) as trial_run:
-            trainer = Trainer(config, [trial_run.run.tracker(drawer=context.drawer), pruning], progress=context.progress,
+            trainer = Trainer(config, [MlflowTracker(trial_run.run, drawer=context.drawer), pruning], progress=context.progress,
                               threads=context.threads)
             try:
                 with system_metrics(trial_run.run.run_id, context.client.tracking_uri, enabled=context.system_metrics):

@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from ..tracking.redact import redact
 from ..tracking.runs import ROLE_TAG, TrackedRun
 from ..tracking.drawer import FigureDrawer
 from ..train import check_runnable
@@ -31,7 +32,7 @@ from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec
 from .storage import (FINISHED_STATES, count_finished, create_or_load_study, default_storage, load_study,
-                      open_storage, redact, sweep_stale_trials)
+                      open_storage, sweep_stale_trials)
 from .trial import STUDY_NAME_TAG, Objective, StudyContext, close_stale_trial_run
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's parent run, found again by every worker

@@ -14,8 +14,10 @@ from ..config import Config
 from ..train import Callback, Trainer, TrainResult, check_runnable
 from .fetch import RunArtifacts, complete_steps, fetch_history
 from .provenance import command_line, versions
+from .redact import without_userinfo
 from .runs import CONFIG_ARTIFACT, TrackedRun, check_reopenable
 from .store import DEFAULT_EXPERIMENT, TrackingError, connect, is_remote
+from .tracker import MlflowTracker
 
 IMPORTED_TAG = "grokking_tracked.imported_from"  # tracking/importing.py sets it
 
@@ -65,7 +67,7 @@ class ExperimentResult:
     def runs_url(self, ui: str = LOCAL_UI) -> str:
         """The link that opens this run's experiment in MLflow's model-training runs view: on the tracking
         server itself, or on ``grokking-tracked ui`` (``ui``) for a local store."""
-        base = self.tracking_uri if is_remote(self.tracking_uri) else ui
+        base = without_userinfo(self.tracking_uri) if is_remote(self.tracking_uri) else ui
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     @property
@@ -121,7 +123,7 @@ def run_experiment(config: Config, tracking_uri: str | None = None, experiment: 
                                       parent_run_id=parent_run_id) as run:
         if on_run_started is not None:
             on_run_started(run.run_id)
-        trainer = Trainer(config, [run.tracker(), *callbacks], progress=progress, threads=threads)
+        trainer = Trainer(config, [MlflowTracker(run), *callbacks], progress=progress, threads=threads)
         with system_metrics(run.run_id, client.tracking_uri, enabled=log_system_metrics):
             result = trainer.train()
     return ExperimentResult(run.run_id, result, client.tracking_uri, run.experiment_id)
@@ -147,7 +149,7 @@ def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bo
         state = artifacts.newest_loadable_checkpoint(scratch)
     history = fetch_history(client, run_id)
     with TrackedRun.reopen(client, run_id, force=force) as run:
-        trainer = Trainer(config, [run.tracker(logged_steps=complete_steps(history)), *callbacks], progress=progress)
+        trainer = Trainer(config, [MlflowTracker(run, logged_steps=complete_steps(history)), *callbacks], progress=progress)
         trainer.load_state_dict(state)
         trainer.history = [(s, m) for s, m in history if s <= trainer.step]
         run.set_tags(resume_tags(run.client.get_run(run_id).data.tags, trainer.step, max_steps))

@@ -2,11 +2,11 @@
 
 What a server says is never trusted as a local path:
 
-- A run's artifact location is read once and checked (``RunArtifacts``): with a remote tracking server, a
-  local location (``file:`` or a bare path) would let the server choose where on this machine we read and
-  write, so it is refused unless ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` says the path is a shared
-  filesystem on purpose. Every later transfer goes through that one repository, whatever the server answers
-  afterwards.
+- A run's artifact repository is the client's checked one (``artifacts.CheckedClient``): with a remote tracking
+  server, a local location (``file:``, a bare path, ``runs:/``, ``models:/``) would let the server choose where
+  on this machine we read and write, so it is refused unless ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` says
+  the path is a shared filesystem on purpose. Every later transfer goes through that one repository, whatever
+  the server answers afterwards.
 - A checkpoint is only ever a name matching ``checkpoints/step_<digits>.pt``, rebuilt by us before anything
   local is made from it; anything else in ``checkpoints/`` is skipped with a warning.
 """
@@ -24,23 +24,21 @@ from mlflow.exceptions import MlflowException
 from ..analysis.checkpoints import CheckpointError, load_checkpoint
 from ..config import Config
 from ..metrics import EVAL_METRICS
+from .artifacts import checked
 from .runs import CONFIG_ARTIFACT, EVENTS_ARTIFACT
-from .store import TrackingError, check_artifact_location, get_run
+from .store import TrackingError, get_run
 from .tracker import CHECKPOINT_DIR
 
 _CHECKPOINT_NAME = re.compile(r"step_(\d{1,12})\.pt")
 
 
 class RunArtifacts:
-    """One run's artifact repository, resolved once from a checked location."""
+    """One run's artifacts, through the client's checked repository of it."""
 
     def __init__(self, client: MlflowClient, run_id: str):
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        self.client, self.run_id = client, run_id
-        self.run = get_run(client, run_id)
-        check_artifact_location(client.tracking_uri, self.run.info.artifact_uri, run_id)
-        self.repository = get_artifact_repository(self.run.info.artifact_uri, tracking_uri=client.tracking_uri)
+        self.client, self.run_id = checked(client), run_id
+        self.run = get_run(self.client, run_id)
+        self.repository = self.client.artifact_repository(run_id)
 
     def list(self, path: str | None = None):
         try:

@@ -26,9 +26,11 @@ from mlflow.entities import Metric, Param
 from ..config import Config
 from ..train import TrainingStopped
 from .lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
+from .artifacts import checked
 from .outbox import Outbox, deliver_spool
 from .provenance import context_tags, dataset_inputs, default_run_name
-from .spool import run_spool_dir, spool_root_for
+from .redact import redact, redact_values
+from .spool import SpoolDelivery, run_spool_dir, spool_root_for, writer_dirs
 from .store import TrackingError, check_artifact_location, ensure_experiment, get_run
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
@@ -84,25 +86,62 @@ def metrics_at(values: dict[str, float], step: int) -> list[Metric]:
 
 
 def config_params(config: Config) -> list[Param]:
-    return [Param(key, str(value)) for key, value in config.to_dict().items()]
+    return [Param(key, redact(str(value))) for key, value in config.to_dict().items()]
 
 
 def deliver_leftovers(client: MlflowClient, timeout: float, echo: Callable[[str], None] | None = None):
     """``grokking-tracked sync``: deliver every spool that dead writers left for this tracking store (runs that
-    ended while the server was away, processes that were killed); returns the ``SpoolDelivery`` report."""
+    ended while the server was away, processes that were killed); returns the ``SpoolDelivery`` report.
+
+    A run whose artifact location the server names where we must not write (``store.check_artifact_location``)
+    gets nothing delivered: its spool stays, it is ended FAILED unless a live process still writes it, and the
+    refusal is the report's first failure."""
+    client = checked(client)
     root = spool_root_for(client.tracking_uri)
     if not root.is_dir():
-        from .spool import SpoolDelivery
-
         return SpoolDelivery()
-    return deliver_spool(client, root, timeout=timeout, echo=echo or _stderr_line)
+    report, timeout_at = SpoolDelivery(), time.monotonic() + timeout
+    for run_id in dict.fromkeys(run_id for _, run_id in writer_dirs(root)):
+        try:
+            client.artifact_repository(run_id)
+        except TrackingError as refusal:
+            report.failed.append(str(refusal))
+            _fail_unless_written(client, root, run_id)
+            continue
+        part = deliver_spool(client, run_spool_dir(root, run_id), timeout=max(0.0, timeout_at - time.monotonic()),
+                             echo=echo or _stderr_line)
+        report.delivered += part.delivered
+        report.pending += part.pending
+        report.failed += part.failed
+        report.busy += part.busy
+    return report
+
+
+def _fail_unless_written(client: MlflowClient, root: Path, run_id: str) -> None:
+    """End a RUNNING run FAILED if no live process writes it (its spool's writers are all dead): its data will
+    not reach this server."""
+    from .spool import Busy, lock_writer_dir
+
+    for writer, _ in writer_dirs(run_spool_dir(root, run_id)):
+        try:
+            os.close(lock_writer_dir(writer))
+        except Busy:
+            return
+    try:
+        if client.get_run(run_id).info.status == RUNNING:
+            client.set_terminated(run_id, FAILED)
+    except Exception:  # noqa: BLE001 - a run the server does not know: nothing to end
+        pass
 
 
 def check_reopenable(client: MlflowClient, run_id: str, force: bool = False, leased: bool = True,
                      echo: Callable[[str], None] | None = None):
     """Before anyone continues a run (or reads its history to do so): deliver what a killed writer of it left in
     the local spool, so the server's history is complete; then refuse, in one line, a run whose lease is live
-    (a process elsewhere is writing it), unless ``force``. Returns the run."""
+    (a process elsewhere is writing it), unless ``force``. Returns the run. The run's artifact location is
+    checked first: nothing of it is delivered, read or written if the server names a forbidden one."""
+    client = checked(client)
+    client.artifact_repository(run_id)
     spool = run_spool_dir(spool_root_for(client.tracking_uri), run_id)
     if spool.is_dir():
         delivery = deliver_spool(client, spool, timeout=delivery_wait(), echo=echo or _stderr_line)
@@ -133,7 +172,7 @@ class TrackedRun:
 
     def __init__(self, client: MlflowClient, run_id: str, echo: Callable[[str], None] | None = None,
                  leased: bool = True, experiment_id: str | None = None):
-        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+        self.client, self.run_id, self.experiment_id = checked(client), run_id, experiment_id
         self.echo = echo or _stderr_line
         self.outbox = Outbox(client, run_id, echo=self.echo)
         self.lease = LeaseKeeper(self.outbox.set_tags) if leased else None
@@ -149,14 +188,21 @@ class TrackedRun:
                artifacts: dict[str, Any] | None = None, parent_run_id: str | None = None,
                echo: Callable[[str], None] | None = None, leased: bool = True) -> "TrackedRun":
         """A new RUNNING run: one request creates it with its tags and lease; its params and opening JSON/text
-        artifacts follow through the outbox. If queueing them fails, the run ends FAILED (KILLED on Ctrl-C)."""
-        tags = {**context_tags(), **(tags or {}), **({LEASE_TAG: lease_value(time.time())} if leased else {})}
+        artifacts follow through the outbox. If queueing them fails, the run ends FAILED (KILLED on Ctrl-C).
+
+        The artifact location is checked in create_run's answer and again in the server's ``get_run`` (the one
+        MLflow's transfers would use): the checked repository is the only one this run's writes ever use. A
+        refused location ends the new run FAILED. Every tag and param value is redacted (``redact``)."""
+        client = checked(client)
+        tags = redact_values({**context_tags(), **(tags or {}),
+                              **({LEASE_TAG: lease_value(time.time())} if leased else {})})
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id
         experiment_id = ensure_experiment(client, experiment)
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id, run_name=run_name and redact(run_name), tags=tags)
         try:
             check_artifact_location(client.tracking_uri, run.info.artifact_uri, run.info.run_id)
+            client.artifact_repository(run.info.run_id)
         except TrackingError:
             client.set_terminated(run.info.run_id, "FAILED")
             raise
@@ -164,12 +210,12 @@ class TrackedRun:
         try:
             params = list(params)
             if params:
-                tracked.outbox.log_batch(params={p.key: p.value for p in params})
+                tracked.outbox.log_batch(params=redact_values({p.key: p.value for p in params}))
             for name, value in (artifacts or {}).items():
                 if isinstance(value, str):
-                    tracked.outbox.log_text(value, name)
+                    tracked.log_text(value, name)
                 else:
-                    tracked.outbox.log_dict(value, name)
+                    tracked.log_dict(value, name)
         except BaseException as error:
             tracked.end(status_for(error))
             raise
@@ -196,6 +242,7 @@ class TrackedRun:
                echo: Callable[[str], None] | None = None, leased: bool = True) -> "TrackedRun":
         """An existing run continued (``--resume``, a study's parent on a later invocation): RUNNING again,
         after ``check_reopenable`` and, for a leased run, taking its lease."""
+        client = checked(client)
         run = check_reopenable(client, run_id, force=force, leased=leased, echo=echo)
         if leased:
             client.set_tag(run_id, LEASE_TAG, lease_value(time.time()))  # taken now, not after a queue
@@ -204,11 +251,6 @@ class TrackedRun:
         return tracked
 
     # ------------------------------------------------------------------ sending
-    def tracker(self, **options):
-        from .tracker import MlflowTracker
-
-        return MlflowTracker(self, **options)
-
     def log_metrics(self, metrics: list[Metric]) -> None:
         self.outbox.log_batch(metrics=metrics)
 
@@ -216,13 +258,16 @@ class TrackedRun:
         self.log_metrics(metrics_at(values, step))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.outbox.set_tags(tags)
+        self.outbox.set_tags(redact_values(tags))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.outbox.log_batch(params=redact_values(params))
 
     def log_dict(self, value: Any, artifact_file: str) -> None:
-        self.outbox.log_dict(value, artifact_file)
+        self.log_text(json.dumps(value, indent=2), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.outbox.log_text(text, artifact_file)
+        self.outbox.log_text(redact(text), artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         from ..figures import save_figure

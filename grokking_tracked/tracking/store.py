@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..config import UserError
+from .redact import redact, without_userinfo
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -99,13 +100,14 @@ def probe(uri: str) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_SECONDS).raise_for_status()
     except requests.RequestException as exc:
-        raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({type(exc).__name__})") from None
+        raise TrackingError(f"cannot reach the MLflow tracking server at {redact(uri)} ({type(exc).__name__})") from None
 
 
 def connect(uri: str | None = None) -> MlflowClient:
     """A client for the store. A local store's directory is created; a remote server is probed first, so an
-    unreachable one fails in seconds with one line instead of after minutes of retries."""
-    from mlflow import MlflowClient
+    unreachable one fails in seconds with one line instead of after minutes of retries. The client checks every
+    artifact repository it uses (``artifacts.CheckedClient``)."""
+    from .artifacts import CheckedClient as MlflowClient
 
     uri = resolve_tracking_uri(uri)
     store = local_store_dir(uri)
@@ -154,7 +156,7 @@ def get_run(client: MlflowClient, run_id: str):
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise TrackingError(f"no MLflow run with id {run_id!r} at {client.tracking_uri}") from None
+        raise TrackingError(f"no MLflow run with id {run_id!r} at {redact(client.tracking_uri)}") from None
 
 
 def runs_view_url(client: MlflowClient, experiment_id: str, base_url: str | None = None) -> str | None:
@@ -163,7 +165,7 @@ def runs_view_url(client: MlflowClient, experiment_id: str, base_url: str | None
     base = base_url or (client.tracking_uri if is_remote(client.tracking_uri) else None)
     if base is None:
         return None
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{without_userinfo(base).rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def quote_filter_value(value: str) -> str:
@@ -176,16 +178,24 @@ def quote_filter_value(value: str) -> str:
     raise TrackingError(f"{value!r} contains both quote characters: MLflow cannot search for it; rename it")
 
 
+# Where a remote server may put a run's artifacts: its own proxy (mlflow-artifacts:) or object stores and
+# hosts elsewhere. Not here: file: and bare paths (this machine), runs:/ and models:/ (indirect: they resolve,
+# through the server again, to any location, file: included) and dbfs: (a local FUSE path on some hosts).
+REMOTE_ARTIFACT_SCHEMES = frozenset({"mlflow-artifacts", "http", "https", "s3", "r2", "b2", "gs", "wasbs", "abfss",
+                                     "ftp", "sftp", "hdfs", "viewfs"})
+
+
 def check_artifact_location(tracking_uri: str, artifact_uri: str, run_id: str) -> None:
-    """Refuse a local artifact location (``file:`` or a bare path) named by a remote tracking server: it would
-    choose where on this machine we read and write. ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` accepts it
-    (a shared filesystem on purpose)."""
-    scheme = urlsplit(artifact_uri).scheme
-    if is_remote(tracking_uri) and scheme in ("", "file") and os.environ.get(TRUST_LOCAL_ARTIFACTS_ENV) != "1":
-        raise TrackingError(f"the tracking server puts run {run_id}'s artifacts at a local path ({artifact_uri}); "
+    """Refuse an artifact location named by a remote tracking server that would let it choose where on this
+    machine we read and write: ``file:``, a bare path, or an indirect scheme (``runs:/``, ``models:/``); anything
+    but ``REMOTE_ARTIFACT_SCHEMES``. ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` accepts it (a shared
+    filesystem on purpose). A local store's own locations are its business: they are not checked."""
+    scheme = urlsplit(artifact_uri).scheme.lower()
+    if is_remote(tracking_uri) and scheme not in REMOTE_ARTIFACT_SCHEMES and os.environ.get(TRUST_LOCAL_ARTIFACTS_ENV) != "1":
+        where = "a local path" if scheme in ("", "file") or len(scheme) == 1 else f"a {scheme}: location"
+        raise TrackingError(f"the tracking server puts run {run_id}'s artifacts at {where} ({artifact_uri}); "
                             f"refusing to read or write there (a server with proxied artifacts, mlflow-artifacts:/, "
                             f"or {TRUST_LOCAL_ARTIFACTS_ENV}=1 for a shared filesystem)")
-
 
 if __name__ == "__main__":  # the process start_creating() starts: open (so create) the store, then exit
     connect(sys.argv[1])

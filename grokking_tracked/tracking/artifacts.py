@@ -1,0 +1,88 @@
+"""The one way to a run's artifact repository: checked, every time one is made.
+
+MLflow's client finds a run's artifact repository by asking the server (``get_run``) at the first transfer and
+caches it process-wide; whatever that answer names is where files go, ``file:///anywhere`` included. So a server
+that answered truthfully when the run was created could still choose where on this machine we write. Here every
+repository any of our clients uses is made by ``CheckedClient.artifact_repository``: the location is checked
+(``store.check_artifact_location``) before the repository exists, and the checked repository is kept per client
+and run, so a later answer cannot swap it. MLflow's own transfer methods (``log_artifact``, ``log_image``,
+``list_artifacts``, ``download_artifacts``: what the outbox, ``sync``, ``analyze`` and imports use) go through it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from urllib.parse import urlsplit
+
+from mlflow import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+from .redact import redact
+from .store import TrackingError, check_artifact_location
+
+
+class _CheckedTrackingService(TrackingServiceClient):
+    """MLflow's tracking service client whose artifact repositories are made by ``artifact_repository``."""
+
+    def __init__(self, tracking_uri: str):
+        super().__init__(tracking_uri)
+        self._repositories: dict[str, object] = {}
+        self._repositories_lock = threading.Lock()
+
+    def artifact_repository(self, run_id: str):
+        """Run ``run_id``'s artifact repository, made once from a checked location (TrackingError if refused)."""
+        with self._repositories_lock:
+            repository = self._repositories.get(run_id)
+        if repository is not None:
+            return repository
+        from mlflow.exceptions import MlflowException
+
+        try:
+            location = self.get_run(run_id).info.artifact_uri
+        except MlflowException:
+            raise TrackingError(f"no MLflow run with id {run_id!r} at {redact(self.tracking_uri)}") from None
+        check_artifact_location(self.tracking_uri, location, run_id)
+        repository = get_artifact_repository(location, tracking_uri=self.tracking_uri)
+        with self._repositories_lock:
+            return self._repositories.setdefault(run_id, repository)
+
+    def _log_url(self, run_id: str) -> None:
+        """MLflow prints "View run ... at: <tracking URI>" when a run ends: with credentials in the URI, that line
+        would show them; our commands print the link without them instead."""
+        if "@" not in urlsplit(self.tracking_uri).netloc:
+            super()._log_url(run_id)
+
+    # MLflow calls these for every artifact transfer of a run (log_artifact(s), log_image, log_text, ...)
+    def _get_artifact_repo(self, resource_id: str, *, resource: str = "run"):
+        if resource != "run":  # logged models are not ours: their location is unchecked
+            raise TrackingError(f"refusing the artifacts of a {resource} ({resource_id}): only runs are checked")
+        return self.artifact_repository(resource_id)
+
+    def list_artifacts(self, run_id: str, path: str | None = None):
+        return self.artifact_repository(run_id).list_artifacts(path)
+
+    def download_artifacts(self, run_id: str, path: str, dst_path: str | None = None):
+        return self.artifact_repository(run_id).download_artifacts(path, dst_path or tempfile.mkdtemp())
+
+
+class CheckedClient(MlflowClient):
+    """An ``MlflowClient`` whose every artifact transfer uses a checked repository (see the module docstring)."""
+
+    def __init__(self, tracking_uri: str | None = None, registry_uri: str | None = None):
+        super().__init__(tracking_uri, registry_uri)
+        self._tracking_client = _CheckedTrackingService(self._tracking_client.tracking_uri)
+
+    def artifact_repository(self, run_id: str):
+        return self._tracking_client.artifact_repository(run_id)
+
+
+def checked(client: MlflowClient) -> CheckedClient:
+    """``client`` itself if it checks its artifact repositories, else a checking client for the same store."""
+    return client if isinstance(client, CheckedClient) else CheckedClient(client.tracking_uri)
+
+
+def artifact_repository(client: MlflowClient, run_id: str):
+    """The checked artifact repository of ``run_id`` (TrackingError if its location is refused)."""
+    return checked(client).artifact_repository(run_id)
