@@ -3,6 +3,7 @@
     python benchmarks/speed.py                     # everything (about 4-6 minutes on 2 busy cores)
     python benchmarks/speed.py --only seed         # steps/s, ours vs the earlier loop
     python benchmarks/speed.py --only default,tracking --threads 1
+    python benchmarks/speed.py --only threads --rounds 2 --thread-steps 200   # lone run vs study worker
 
 Sections:
   seed      steps/s on the `seed` preset of our tracked run (run_experiment into a local SQLite store,
@@ -13,6 +14,9 @@ Sections:
   profile   torch.profiler over `seed` training steps, autograd vs the hand-written step: ms/step by op
             group (matmul, float64 softmax, gather/scatter, optimizer, the rest) and the top ops.
   default   seconds from the first training step to the generalization event, `default` preset.
+  threads   steps/s of the `default`, `seed` and `nanda2023` presets (Trainer, no tracking, each preset's own
+            eval_every) with the threads a lone `run` gets (every available core) and with 1 thread (a study
+            worker), alternated round by round: --rounds rounds of --thread-steps steps each after a warm-up.
   tracking  the same `default` run without MLflow, with a local SQLite store, and with a real
             `mlflow server` on a loopback port: wall seconds per training step, eval_every 10.
 """
@@ -169,6 +173,49 @@ def section_default(args) -> None:
     print(f"default preset: median {statistics.median(seconds):.1f} s from the first step to generalization")
 
 
+class RateClock(Callback):
+    """Steps per second between the first evaluation at or after ``warmup`` and the last one."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.first, self.last = warmup, None, None
+
+    def on_eval(self, trainer, step, metrics, events):
+        if step >= self.warmup:
+            now = (step, time.perf_counter())
+            self.first = self.first or now
+            self.last = now
+
+    @property
+    def rate(self) -> float:
+        return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+
+
+def section_threads(args) -> None:
+    """Each preset at every available core vs 1 thread, alternated so that the machine's load hits both."""
+    from grokking_tracked.train import available_cores
+
+    cores = available_cores()
+    presets = args.thread_presets.split(",")
+    rates: dict[tuple[str, int], list[float]] = {(name, t): [] for name in presets for t in (cores, 1)}
+    for r in range(args.rounds):
+        for name in presets:
+            for threads in ((cores, 1) if r % 2 == 0 else (1, cores)):
+                base = preset(name)
+                warmup = base.eval_every
+                # evaluations at the preset's own interval; the budget rounded up to whole intervals
+                steps = warmup + max(1, round(args.thread_steps / base.eval_every)) * base.eval_every
+                config = base.replace(max_steps=steps, stop_on_grok=False, checkpoint_every=0)
+                clock = RateClock(warmup)
+                Trainer(config, [clock], progress=False, threads=threads).train()
+                rates[(name, threads)].append(clock.rate)
+                print(f"  round {r + 1} {name:9s} {threads} thread(s): {clock.rate:6.1f} steps/s "
+                      f"({describe().rsplit(', ', 1)[-1]})", flush=True)
+    print(f"threads: medians over {args.rounds} rounds, {cores} available cores")
+    for name in presets:
+        many, one = statistics.median(rates[(name, cores)]), statistics.median(rates[(name, 1)])
+        print(f"  {name:9s} {cores} threads {many:6.1f} steps/s   1 thread {one:6.1f} steps/s   ratio {many / one:.2f}x")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -295,12 +342,14 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=30)
     parser.add_argument("--tracking-rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--thread-steps", type=int, default=300, help="threads: steps timed per preset and round")
+    parser.add_argument("--thread-presets", default="default,seed,nanda2023")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print("machine:", describe())
     sections = {"seed": section_seed, "profile": section_profile, "default": section_default,
-                "tracking": section_tracking}
+                "tracking": section_tracking, "threads": section_threads}
     for name in args.only.split(","):
         sections[name](args)
     print("machine at the end:", describe())

@@ -85,6 +85,16 @@ def check_workers(workers: str, lockstep: int | None) -> None:
         raise UserError(f"--lockstep expects 1 to {MAX_LOCKSTEP} trials trained together, got {lockstep}")
 
 
+def lone_threads(config=None) -> int:
+    """torch threads for a lone `run` or `analyze`: every core this process may use, for a model big enough to gain
+    from them (train.default_threads; $GROKKING_TORCH_THREADS wins). A study gives each worker one thread itself."""
+    import torch
+
+    from .train import default_threads
+
+    return default_threads(torch.device("cpu"), config, lone=True)
+
+
 def tracking_uri_option(f):
     return click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_URI_HELP)(f)
 
@@ -162,7 +172,7 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
 
         outcome = resume_experiment(resume_run_id, tracking_uri, progress=progress,
                                     max_steps=overrides.get("max_steps"), force=force,
-                                    log_system_metrics=system_metrics)
+                                    log_system_metrics=system_metrics, lone=True)
     else:
         if force:
             raise UserError("--force only applies to --resume")
@@ -179,6 +189,7 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
 
         outcome = run_experiment(config, tracking_uri, experiment=experiment, run_name=run_name, progress=progress,
                                  tags={"grokking_tracked.preset": preset}, log_system_metrics=system_metrics,
+                                 threads=lone_threads(config),
                                  on_run_started=lambda run_id: click.echo(f"started MLflow run {run_id}", err=True))
     click.echo(f"run id: {outcome.run_id}")
     click.echo(outcome.summary())
@@ -236,6 +247,9 @@ def sync(timeout: float, tracking_uri: str | None) -> None:
 def analyze(run_id: str, output: str | None, progress: bool, tracking_uri: str | None) -> None:
     """Fetch RUN_ID's checkpoints from the tracking server, analyse them, log the results under analysis/N/."""
     configure_process()
+    import torch
+
+    torch.set_num_threads(lone_threads())  # process-wide: this process does nothing else
     from .tracking import analyze_run
 
     summary = analyze_run(run_id, tracking_uri, output=output, progress=progress)

@@ -66,15 +66,38 @@ def check_runnable(config: Config) -> torch.device:
     return device
 
 
-def default_threads(device: torch.device) -> int | None:
-    """torch intra-op threads for training: $GROKKING_TORCH_THREADS if set, else 1 on the CPU (None: leave as is).
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-    This model's ops are small: on 2 cores one thread ran the default preset at 85 steps/s, two threads
-    at 10-14 (the threads spin-wait on each other and collapse when any other process wants a core)."""
+
+# Multiply-adds per training step below which a second thread loses (issue 21, benchmarks/speed.py --only threads):
+# the `default` preset (~55 M) ran 21 vs 156 steps/s on 2 vs 1 threads; `seed` (~220 M) and `nanda2023` (~810 M) gain.
+MIN_STEP_WORK_FOR_THREADS = 100_000_000
+
+
+def step_work(config: Config) -> int:
+    """Rough multiply-adds of one full-batch training step: the training examples times the weights each meets."""
+    n_train = round(config.train_frac * config.p ** 2)
+    return n_train * config.d_model * (2 * config.d_mlp + config.p + 4 * config.d_model) * config.n_layers
+
+
+def default_threads(device: torch.device, config: Config | None = None, lone: bool = False) -> int | None:
+    """torch intra-op threads for training: $GROKKING_TORCH_THREADS if set; else, on the CPU, every available core
+    for a ``lone`` training (``run``: nothing else of ours wants the cores) whose step is big enough to gain, and 1
+    otherwise (a study runs one worker per core; a library call without a choice keeps to one core; a small model's
+    threads wait on each other more than they compute); None off the CPU (leave as is)."""
     threads = os.environ.get(THREADS_ENV)
     if threads:
         return int(threads)
-    return 1 if device.type == "cpu" else None
+    if device.type != "cpu":
+        return None
+    if lone and (config is None or step_work(config) >= MIN_STEP_WORK_FOR_THREADS):
+        return available_cores()
+    return 1
 
 
 @contextlib.contextmanager

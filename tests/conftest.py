@@ -170,6 +170,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
             ) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess."""
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # only what the test says
-    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    # one torch thread, as the in-process tests (one_torch_thread): a lone `run` would take every core, and two
+    # threads of tiny ops on shared cores wait on each other; a test that wants the default passes it as ""
+    full_env.update({"PYTHONUNBUFFERED": "1", "GROKKING_TORCH_THREADS": "1", **(env or {})})
     return subprocess.run([sys.executable, "-m", "grokking_tracked", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -22,6 +22,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import run_cli
+from grokking_tracked.tracking.names import to_mlflow
 from faultproxy import FaultProxy, MlflowServer
 
 EVAL_EVERY, CHECKPOINT_EVERY = 10, 200
@@ -97,7 +98,7 @@ def spool(tmp_path):
     return tmp_path / "spool"
 
 
-def stored_steps(server: MlflowServer, run_id: str, key: str = "test_acc") -> list[int]:
+def stored_steps(server: MlflowServer, run_id: str, key: str = "accuracy/test") -> list[int]:
     return [m.step for m in MlflowClient(server.url).get_metric_history(run_id, key)]
 
 
@@ -116,7 +117,7 @@ def assert_complete(server: MlflowServer, run_id: str, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     expected = list(range(0, STEPS + 1, EVAL_EVERY))
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm"):
-        assert stored_steps(server, run_id, key) == expected, key
+        assert stored_steps(server, run_id, to_mlflow(key)) == expected, key
     checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert {f"checkpoints/step_{s:07d}.pt" for s in range(0, STEPS + 1, CHECKPOINT_EVERY)} <= checkpoints
     assert {a.path for a in client.list_artifacts(run_id, "figures")} == {

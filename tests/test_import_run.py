@@ -43,7 +43,7 @@ def test_an_imported_earlier_run_is_analysed_and_cannot_be_resumed(tmp_path):
     assert (run.data.params["p"], run.data.params["d_model"], run.data.params["seed"]) == ("23", "32", "999")
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {
         "checkpoints/step_0000001.pt", "checkpoints/step_0005001.pt", "checkpoints/step_0010001.pt"}
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")] == [
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss/test")] == [
         (1, 4.0), (5001, 3.5), (10001, 3.0)]
 
     analysed = run_cli("analyze", run_id, "--no-progress", "--tracking-uri", store, cwd=tmp_path)

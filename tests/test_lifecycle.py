@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from grokking_tracked.config import preset
 from grokking_tracked.study.spec import StudySpec
 from grokking_tracked.study.trial import StudyContext, TrialPrunedStop, TrialRun, close_stale_trial_run
+from grokking_tracked.tracking.names import to_mlflow
 from grokking_tracked.tracking import TrackedRun, connect, run_experiment
 from grokking_tracked.train import TrainResult
 
@@ -127,7 +128,7 @@ def test_live_progress_measures_are_metrics_and_the_key_frequencies_a_tag(tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for key in ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm",
                 "n_key_frequencies"):
-        assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == [0, 20, 40, 60], key
+        assert [m.step for m in client.get_metric_history(outcome.run_id, to_mlflow(key))] == [0, 20, 40, 60], key
     tags = client.get_run(outcome.run_id).data.tags
     assert isinstance(json.loads(tags["grokking_tracked.key_frequencies"]), list)
     assert int(tags["grokking_tracked.key_frequencies_step"]) in (0, 20, 40, 60)

@@ -24,4 +24,6 @@ def test_the_readme_python_example_runs_as_written_and_generalises(tmp_path, mon
     frame = outcome.history_frame()
     assert frame["test_acc"].iloc[-1] >= 0.99 and frame.index.max() == outcome.result.final_step
     assert f"#/experiments/{outcome.experiment_id}/runs" in outcome.runs_url()
-    assert (tmp_path / "mlruns" / "mlflow.db").exists()  # the embedded store, where the README says
+    assert (tmp_path / "mlruns" / "mlflow.db").exists()
+    assert type(namespace["model"]).__name__ == "GrokkingTransformer"  # a logged model, loaded back
+    assert namespace["best"].tags["grokking_tracked.event"]  # the embedded store, where the README says

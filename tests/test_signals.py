@@ -70,7 +70,7 @@ def test_signal_ends_a_training_run_killed(tmp_path, signum):
             assert line or process.poll() is None, "the run ended before announcing its id"
         run_id = line.split()[-1]
         client = MlflowClient(store)
-        wait_until(lambda: len(client.get_metric_history(run_id, "test_acc")) >= 3, process, "evaluations logged")
+        wait_until(lambda: len(client.get_metric_history(run_id, "accuracy/test")) >= 3, process, "evaluations logged")
         assert client.get_run(run_id).info.status == "RUNNING"
         deliver(process, signum)
     finally:
@@ -79,7 +79,7 @@ def test_signal_ends_a_training_run_killed(tmp_path, signum):
     assert "Traceback" not in stderr, stderr
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
-    logged = [m.step for m in client.get_metric_history(run_id, "test_acc")]
+    logged = [m.step for m in client.get_metric_history(run_id, "accuracy/test")]
     assert logged == list(range(0, logged[-1] + 1, 10)) and logged[-1] < 1_000_000  # what it measured stays
 
 
@@ -132,7 +132,7 @@ def test_ctrl_c_ends_a_studys_workers_trials_killed_and_none_left_running(tmp_pa
         wait_until(lambda: len(running_trials()) == 2, process, "two trials running")
         client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
         wait_until(lambda: len(running_trials()) == 2 and all(
-            client.get_metric_history(t.user_attrs["mlflow_run_id"], "test_acc") for t in running_trials()),
+            client.get_metric_history(t.user_attrs["mlflow_run_id"], "accuracy/test") for t in running_trials()),
             process, "two trials training")
         interrupted = running_trials()
         assert len({t.user_attrs["worker"] for t in interrupted}) == 2  # two workers training at once

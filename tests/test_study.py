@@ -87,7 +87,7 @@ def test_study_end_to_end_resume_and_pruning(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     for t in trials:  # the objective, from what the run measured: first step at >= 99 %, else 2 x the budget
-        general = [m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "test_acc")
+        general = [m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "accuracy/test")
                    if m.value >= 0.99]
         assert t.value == (general[0] if general else 120.0)
     parents, children = study_runs(client, "studies-test", "tiny")
@@ -107,7 +107,7 @@ def test_study_end_to_end_resume_and_pruning(tmp_path):
         assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
         assert float(run.data.params["train_frac"]) == pytest.approx(t.params["train_frac"])
         assert run.data.params["p"] == "23"
-        assert "test_acc" in run.data.metrics
+        assert "accuracy/test" in run.data.metrics
     figures = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"optimization_history.png", "param_importances.png", "slice.png", "contour.png",
             "steps_vs_train_frac.png", "best_vs_baseline.png"} <= figures
@@ -184,7 +184,7 @@ def test_two_workers_on_postgres(tmp_path, postgres_url, mlflow_server):
     # workers training at once, synchronised on the storage.)
     for t in trials:  # the documented objective, read from what the trial's run logged: first step at >= 99 %
         general = [m.step for m in MlflowClient(mlflow_server).get_metric_history(t.user_attrs["mlflow_run_id"],
-                                                                                  "test_acc") if m.value >= 0.99]
+                                                                                  "accuracy/test") if m.value >= 0.99]
         assert t.value == (general[0] if general else 2.0 * 60)
     run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
     assert len(set(run_ids)) == len(trials)

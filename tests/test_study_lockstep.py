@@ -49,7 +49,7 @@ def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path, monkeypatch
     for t in trials:
         alone = Trainer(trial_config(spec_obj, optuna.trial.FixedTrial(t.params)), progress=False).train()
         run_id = t.user_attrs["mlflow_run_id"]
-        loss = {m.step: m.value for m in client.get_metric_history(run_id, "test_loss")}
+        loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss/test")}
         assert sorted(loss) == [s for s, _ in alone.history if s <= max(loss)], t.number
         for step, metrics in alone.history:
             if step <= 20:
@@ -57,7 +57,7 @@ def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path, monkeypatch
         # what Optuna was told is what the run logged: the pruner's values and the objective
         assert all(loss[step] == pytest.approx(value) for step, value in t.intermediate_values.items()), t.number
         if t.state == TrialState.COMPLETE:  # first step at >= 99 % test accuracy, or the penalty 2 x budget
-            general = [m.step for m in client.get_metric_history(run_id, "test_acc") if m.value >= 0.99]
+            general = [m.step for m in client.get_metric_history(run_id, "accuracy/test") if m.value >= 0.99]
             assert t.value == (general[0] if general else 400.0), t.number
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [t.number for t in trials]
     by_run = {r.info.run_id: r for r in children}
@@ -67,7 +67,7 @@ def test_lockstep_study_two_batches_each_trial_its_own_run(tmp_path, monkeypatch
         assert run.data.tags["optuna.trial_number"] == str(t.number)
         assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
         assert float(run.data.params["train_frac"]) == pytest.approx(t.params["train_frac"])
-        history = client.get_metric_history(run.info.run_id, "test_acc")
+        history = client.get_metric_history(run.info.run_id, "accuracy/test")
         assert [m.step for m in history][:2] == [0, 10]
         checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
         if t.state == TrialState.COMPLETE:

@@ -18,6 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import run_cli
+from grokking_tracked.tracking.names import to_mlflow
 from grokking_tracked.cli import main as cli_main
 from grokking_tracked.config import Config, preset
 from grokking_tracked.tracking import resume_experiment, run_experiment
@@ -56,11 +57,11 @@ def test_run_end_to_end_against_a_server(mlflow_server, tmp_path):
     assert (params["p"], params["train_frac"], params["operation"], params["max_steps"]) == ("59", "0.5", "add", "1500")
 
     # every evaluation step exactly once, for every contract metric
-    test_acc = client.get_metric_history(run_id, "test_acc")
+    test_acc = client.get_metric_history(run_id, "accuracy/test")
     steps = [m.step for m in test_acc]
     assert steps[0] == 0 and steps == sorted(set(steps)) and all(s % 10 == 0 for s in steps)
     for key in CONTRACT_METRICS:
-        assert steps_of(client, run_id, key) == steps
+        assert steps_of(client, run_id, to_mlflow(key)) == steps
 
     # detection events: artifact, metrics and tag agree with the metric history
     scratch = tmp_path / "download"
@@ -71,8 +72,8 @@ def test_run_end_to_end_against_a_server(mlflow_server, tmp_path):
     by_name = {e["event"]: e["step"] for e in events}
     first_general = min(m.step for m in test_acc if m.value >= 0.99)
     assert by_name["generalization"] == first_general
-    assert run.data.metrics["generalization_step"] == first_general
-    assert run.data.metrics["memorization_step"] == by_name["memorization"]
+    assert run.data.metrics["steps_to/generalization"] == first_general
+    assert run.data.metrics["steps_to/memorization"] == by_name["memorization"]
     assert run.data.tags["grokked"] == "true"
     # stop-on-grok: training ended a short margin after generalisation, not at max_steps
     assert steps[-1] == first_general + 200 < 1500
@@ -107,7 +108,7 @@ def download_json(client: MlflowClient, run_id: str, path: str, scratch) -> obje
 def assert_same_history(client: MlflowClient, run_id: str, expected: list[tuple[int, dict]]) -> None:
     """Every evaluation metric of the run, step by step, equals the uninterrupted training's (float tolerance)."""
     for key in expected[0][1]:
-        logged = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        logged = [(m.step, m.value) for m in client.get_metric_history(run_id, to_mlflow(key))]
         assert [s for s, _ in logged] == [s for s, _ in expected], key
         assert [v for _, v in logged] == pytest.approx([m[key] for _, m in expected], rel=1e-6, abs=1e-9), key
 
@@ -141,7 +142,7 @@ def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tm
         # are logged (the resume must skip those), well before onset (220) and the end (630).
         deadline = time.time() + 240
         while not (100 in checkpoint_steps(client, run_id)
-                   and max(steps_of(client, run_id, "test_acc"), default=0) >= 120):
+                   and max(steps_of(client, run_id, "accuracy/test"), default=0) >= 120):
             assert process.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "no checkpoint at step 100 within 240 s"
             time.sleep(0.1)
@@ -153,7 +154,7 @@ def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tm
         process.stdout.close()
         process.stderr.close()
     assert client.get_run(run_id).info.status == "RUNNING"  # killed hard: nothing could close it
-    killed_at = max(steps_of(client, run_id, "test_acc"))
+    killed_at = max(steps_of(client, run_id, "accuracy/test"))
     assert killed_at < 630, "the kill landed after the run ended"
 
     result = run_cli("run", "--resume", run_id, "--no-progress", cwd=tmp_path,
@@ -173,7 +174,7 @@ def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tm
     assert whole.step_of("memorization") < killed_at < whole.step_of("onset")  # events on both sides of the kill
     assert_same_history(client, run_id, whole.history)
     for event in whole.events:  # each event metric exactly once, at the same step as uninterrupted
-        key = f"{event['event']}_step"
+        key = f"steps_to/{event['event']}"
         assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == [(event["step"], event["step"])]
     assert_same_events(download_json(client, run_id, "events.json", tmp_path / "events"), whole.events)
     assert run.data.tags["grokked"] == "true"
@@ -302,5 +303,5 @@ def test_options_other_than_max_steps_are_refused_with_resume(local_store, capsy
     after = client.get_run(run_id)
     assert (after.info.status, after.data.tags, after.data.metrics) == (before.info.status, before.data.tags,
                                                                        before.data.metrics)
-    assert [m.step for m in client.get_metric_history(run_id, "test_acc")] == [0, 10, 20]
+    assert [m.step for m in client.get_metric_history(run_id, "accuracy/test")] == [0, 10, 20]
     assert len(all_runs(local_store)) == 1

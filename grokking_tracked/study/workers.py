@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from ..tracking.redact import redact
 from ..tracking.runs import ROLE_TAG, TrackedRun
 from ..tracking.drawer import FigureDrawer
-from ..train import check_runnable
+from ..train import THREADS_ENV, available_cores, check_runnable
 from ..tracking.experiment import LOCAL_UI
 from ..tracking.store import connect, is_remote, quote_filter_value, resolve_tracking_uri, runs_view_url
 from .dashboard import DashboardNotes, annotate_study, run_page_url, ui_base
@@ -171,7 +171,7 @@ def resolve_workers(workers: int | str, spec: StudySpec, lockstep: int) -> tuple
     device = spec.base_config().device
     gpus = torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.is_available() else 0
     if workers == "auto":
-        count = gpus or (1 if lockstep > 1 else os.cpu_count() or 1)  # a lockstep stack owns its device
+        count = gpus or (1 if lockstep > 1 else available_cores())  # a lockstep stack owns its device
     else:
         count = int(workers)
         if count < 1:
@@ -280,7 +280,8 @@ def run_workers(settings: StudySettings, workers: int, visible: list[str | None]
     """Worker 0 is this process, with its client and figure process: it has loaded torch, TransformerLens and
     mlflow and opened the stores already, which a spawned worker does again (~7 CPU s here). Workers 1.. are
     spawned processes; one that fails does not stop the others, nor does this one's ``StudyError``."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # a worker per core, one thread each; $GROKKING_TORCH_THREADS, when set, wins (Trainer's default: 1 thread)
+    threads = None if os.environ.get(THREADS_ENV) else max(1, available_cores() // workers)
     # worker 0 trains on the default device, cuda:0 where there are GPUs: visible[0] is "0" or None
     here = replace(settings, threads=threads if workers > 1 else settings.threads, sampler_salt=salts[0])
     context = multiprocessing.get_context("spawn")
@@ -292,7 +293,7 @@ def run_workers(settings: StudySettings, workers: int, visible: list[str | None]
         process.start()
     if processes:
         echo(f"{workers} workers started (this process, {os.getpid()}, and pids "
-             f"{', '.join(str(p.pid) for p in processes)}), {threads} torch thread(s) each")
+             f"{', '.join(str(p.pid) for p in processes)}), {threads or os.environ[THREADS_ENV]} torch thread(s) each")
     failure = None
     try:
         try:

@@ -5,6 +5,7 @@
 - ``tracker``: ``MlflowTracker``, the training callback that streams a training into its run.
 - ``drawer``: ``FigureDrawer``, the separate process a study worker draws figures (and writes notes) in.
 - ``experiment``: ``run_experiment`` / ``resume_experiment``.
+- ``models``: checkpoints as MLflow LoggedModels (safetensors) and ``load_model``.
 - ``fetch``: reading a run back (config, history, checkpoints).
 - ``reanalysis``: ``analyze_run`` / ``compare_runs`` (server -> artifacts -> analysis -> server).
 """
@@ -21,6 +22,7 @@ _EXPORTS = {
     "DEFAULT_EXPERIMENT": "store", "TrackingError": "store", "connect": "store", "ensure_experiment": "store",
     "get_run": "store", "resolve_tracking_uri": "store",
     "MlflowTracker": "tracker",
+    "load_model": "models",
 }
 __all__ = list(_EXPORTS)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from ..config import Config
-from ..train import Callback, Trainer, TrainResult, check_runnable
+from ..train import Callback, Trainer, TrainResult, check_runnable, default_threads
 from .fetch import RunArtifacts, complete_steps, fetch_history
 from .provenance import command_line, versions
 from .redact import without_userinfo
@@ -131,10 +131,12 @@ def run_experiment(config: Config, tracking_uri: str | None = None, experiment: 
 
 def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bool = True,
                       callbacks: Iterable[Callback] = (), max_steps: int | None = None,
-                      force: bool = False, log_system_metrics: bool = False) -> ExperimentResult:
+                      force: bool = False, log_system_metrics: bool = False,
+                      lone: bool = False) -> ExperimentResult:
     """Continue a run from its newest loadable checkpoint, in the same MLflow run (after a crash, or to train
     longer with a larger ``max_steps``: MLflow params are immutable, so the new budget goes to config.json and
-    a tag). A run another live process is writing is refused unless ``force``."""
+    a tag). A run another live process is writing is refused unless ``force``. ``lone`` (the CLI): train on every
+    core if the model gains from it (``train.default_threads``)."""
     client = connect(tracking_uri)
     run = check_reopenable(client, run_id, force=force)  # a killed writer's spool is delivered before we read
     if IMPORTED_TAG in run.data.tags:
@@ -145,11 +147,12 @@ def resume_experiment(run_id: str, tracking_uri: str | None = None, progress: bo
         config = artifacts.config(scratch)
         if max_steps is not None:
             config = config.replace(max_steps=max_steps)
-        check_runnable(config)
+        device = check_runnable(config)
         state = artifacts.newest_loadable_checkpoint(scratch)
     history = fetch_history(client, run_id)
     with TrackedRun.reopen(client, run_id, force=force) as run:
-        trainer = Trainer(config, [MlflowTracker(run, logged_steps=complete_steps(history)), *callbacks], progress=progress)
+        trainer = Trainer(config, [MlflowTracker(run, logged_steps=complete_steps(history)), *callbacks], progress=progress,
+                          threads=default_threads(device, config, lone=True) if lone else None)
         trainer.load_state_dict(state)
         trainer.history = [(s, m) for s, m in history if s <= trainer.step]
         run.set_tags(resume_tags(run.client.get_run(run_id).data.tags, trainer.step, max_steps))

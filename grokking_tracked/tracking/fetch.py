@@ -25,6 +25,7 @@ from ..analysis.checkpoints import CheckpointError, load_checkpoint
 from ..config import Config
 from ..metrics import EVAL_METRICS
 from .artifacts import checked
+from .names import from_mlflow, is_event_metric
 from .runs import CONFIG_ARTIFACT, EVENTS_ARTIFACT
 from .store import TrackingError, get_run
 from .tracker import CHECKPOINT_DIR
@@ -102,13 +103,13 @@ class RunArtifacts:
 
 
 def fetch_history(client: MlflowClient, run_id: str) -> list[tuple[int, dict]]:
-    """The run's evaluations as (step, metrics), rebuilt from MLflow's metric histories (event metrics,
-    ``*_step``, are not evaluations and are left out)."""
-    keys = [key for key in get_run(client, run_id).data.metrics if not key.endswith("_step")]
+    """The run's evaluations as (step, metrics) under our internal names (names.py: today's MLflow names and the
+    flat ones of older runs alike), rebuilt from MLflow's metric histories (event steps are left out)."""
+    keys = [key for key in get_run(client, run_id).data.metrics if not is_event_metric(key)]
     by_step: dict[int, dict] = {}
     for key in keys:
         for metric in client.get_metric_history(run_id, key):
-            by_step.setdefault(metric.step, {})[key] = metric.value
+            by_step.setdefault(metric.step, {})[from_mlflow(key)] = metric.value
     return sorted(by_step.items())
 
 

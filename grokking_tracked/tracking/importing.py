@@ -11,6 +11,7 @@ import torch
 
 from ..analysis.importer import load_foreign_run
 from .experiment import IMPORTED_TAG
+from .names import mlflow_metrics
 from .runs import TrackedRun, metrics_at
 from .store import DEFAULT_EXPERIMENT, connect
 from .tracker import CHECKPOINT_DIR, checkpoint_name
@@ -29,7 +30,7 @@ def import_run(path: str, tracking_uri: str | None = None, experiment: str = DEF
             IMPORT_NOTES_TAG: json.dumps(imported.notes)[:5000]}
     with TrackedRun.create_for_config(client, imported.config, experiment, run_name=run_name, tags=tags) as run:
         for step, metrics in imported.history:
-            run.log_metrics(metrics_at(metrics, step))
+            run.log_metrics(metrics_at(mlflow_metrics(metrics), step))
         for step, state in imported.checkpoints:
             staged = run.staging_path(checkpoint_name(step))
             torch.save(state, staged)

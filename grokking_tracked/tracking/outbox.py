@@ -33,6 +33,7 @@ Durable against process death, not an OS crash: entries are not fsync()ed (that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -112,6 +113,8 @@ def _describe(entry: dict) -> str:
         return f"status {entry['status']}{' (held)' if entry.get('held') else ''}"
     if entry["op"] == "inputs":
         return f"{len(entry['datasets'])} dataset inputs"
+    if entry["op"] == "model":
+        return f"logged model {entry['name']}"
     return "an unreadable entry"
 
 
@@ -204,6 +207,7 @@ class Outbox:
 
         def take(target: Path) -> None:
             if not move:
+                target.parent.mkdir(exist_ok=True)
                 shutil.copyfile(path, target)
             elif path.parent.parent == self._dir / "staging" and len(os.listdir(path.parent)) == 1:
                 os.replace(path.parent, target.parent)  # one rename: ~0.4 ms per metadata operation here
@@ -218,6 +222,19 @@ class Outbox:
         self._enqueue({"op": "inputs", "datasets": [
             {"dataset": {key: getattr(d.dataset, key) for key in DATASET_FIELDS},
              "tags": [[tag.key, tag.value] for tag in d.tags]} for d in datasets]})
+
+    def log_model(self, directory: Path, name: str, experiment_id: str, step: int, reasons: list[str],
+                  metrics: Iterable[Metric] = ()) -> None:
+        """A LoggedModel (tracking/models.py) made of ``directory`` (written in ``staging_path()``, taken over),
+        linked to this run at ``step``, carrying ``metrics`` (their timestamps kept: the run has them already)."""
+        def take(target: Path) -> None:
+            target.parent.mkdir()
+            os.replace(directory, target)
+            with contextlib.suppress(OSError):
+                directory.parent.rmdir()  # its staging_path() directory, now empty
+
+        self._enqueue({"op": "model", "name": name, "experiment_id": experiment_id, "step": step, "reasons": reasons,
+                       "metrics": [[m.key, m.value, m.timestamp] for m in metrics]}, "model", take)
 
     def set_status(self, status: str, end_time_ms: int | None = None) -> None:
         """RUNNING (a resumed run) or a terminal status, whose end time is fixed now, not at delivery."""
@@ -442,6 +459,10 @@ class Outbox:
         elif entry["op"] == "inputs":
             self.client.log_inputs(self.run_id, datasets=[
                 DatasetInput(Dataset(**d["dataset"]), [InputTag(k, v) for k, v in d["tags"]]) for d in entry["datasets"]])
+        elif entry["op"] == "model":
+            from .models import deliver_model
+
+            deliver_model(self.client, self.run_id, entry, self._dir / entry["file"])
         elif entry["op"] == "status":
             if entry["end_time"] is None:
                 self.client.update_run(self.run_id, status=entry["status"])

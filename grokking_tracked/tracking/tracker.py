@@ -19,6 +19,8 @@ from mlflow.entities import Metric
 from .. import figures
 from ..train import Callback, TrainingState, TrainResult
 from .drawer import FigureDrawer
+from .models import model_reasons
+from .names import event_metric, mlflow_metrics
 from .provenance import DESCRIPTION_TAG, run_description, runtime_tags
 from .runs import EVENTS_ARTIFACT, TrackedRun, metrics_at
 
@@ -47,6 +49,7 @@ class MlflowTracker(Callback):
         self._key_frequencies: list[int] | None = None
         self._buffer: list[Metric] = []
         self._last_send = time.monotonic()
+        self._last_eval: tuple[int, list[Metric]] = (-1, [])  # a LoggedModel carries its step's metrics
 
     def on_train_start(self, state: TrainingState) -> None:
         self.run.set_tags(runtime_tags(state.device, state.threads))
@@ -54,13 +57,15 @@ class MlflowTracker(Callback):
     def on_eval(self, state: TrainingState, step: int, metrics: dict, events: list[dict]) -> None:
         if step in self.logged_steps:
             return
-        self._buffer += metrics_at(metrics, step)
+        evaluation = metrics_at(mlflow_metrics(metrics), step)
+        self._last_eval = (step, evaluation)
+        self._buffer += evaluation
         measures = getattr(state, "progress_measures", None)
         if "n_key_frequencies" in metrics and measures is not None and measures.key_frequencies != self._key_frequencies:
             self._key_frequencies = list(measures.key_frequencies)  # a tag, as they settle: a list is no metric
             self.run.set_tags({KEY_FREQUENCIES_TAG: json.dumps(self._key_frequencies),
                                KEY_FREQUENCIES_STEP_TAG: str(step)})
-        self._buffer += metrics_at({f"{event['event']}_step": event["step"] for event in events}, step)
+        self._buffer += metrics_at({event_metric(event["event"]): event["step"] for event in events}, step)
         if events or time.monotonic() - self._last_send >= self.flush_seconds:
             self._send()
         if events:  # rare (a few a run), so a person watching the UI sees them arrive
@@ -79,6 +84,10 @@ class MlflowTracker(Callback):
         path = self.run.staging_path(checkpoint_name(step))
         torch.save(state.state_dict(), path)
         self.run.log_file(path, CHECKPOINT_DIR, move=True)
+        reasons = model_reasons(reasons)
+        if reasons:  # events and the end: also an MLflow LoggedModel (weights only, safetensors)
+            metrics = self._last_eval[1] if self._last_eval[0] == step else []
+            self.run.log_model(state.model, state.config, step, reasons, metrics)
 
     def on_train_end(self, state: TrainingState, result: TrainResult) -> None:
         self._send()
