@@ -10,6 +10,7 @@ On this 2-core CPU the baseline's ~40k steps take hours; ``--baseline-budget`` b
 the command that finishes it on a GPU.
 
     python benchmarks/grokfast.py [--seeds 2] [--ema-budget 3000] [--baseline-budget 4000] [--eval-every 10]
+    python benchmarks/grokfast.py --only baseline --first-seed 1 --seeds 1   # one run, e.g. in parallel
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def steps_to_generalise(config) -> tuple[int | None, int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--ema-budget", type=int, default=3000)
     parser.add_argument("--baseline-budget", type=int, default=4000)
     parser.add_argument("--eval-every", type=int, default=10, help="10 = once per epoch, as the paper's loop")
@@ -54,7 +56,7 @@ def main() -> None:
     for name in ("ema", "baseline"):
         if args.only not in (None, name):
             continue
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             overrides = dict(EMA) if name == "ema" else {}
             config = base.replace(seed=seed, data_seed=598 + seed, max_steps=budgets[name], **overrides)
             step, trained, seconds = steps_to_generalise(config)
