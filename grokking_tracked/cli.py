@@ -131,6 +131,7 @@ def cli() -> None:
 @click.option("--n-layers", type=int)
 @click.option("--max-steps", type=int)
 @click.option("--eval-every", type=int)
+@click.option("--batch-size", type=int, help="Examples per step, reshuffled every epoch (0: full batch).")
 @click.option("--checkpoint-every", type=int, help="Periodic checkpoint interval in steps (0: events and final only).")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES))
 @click.option("--wd-schedule", type=click.Choice(WD_SCHEDULES))

@@ -17,6 +17,8 @@ LR_SCHEDULES = ("constant", "warmup", "cyclic", "plateau")
 WD_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NORMALIZATIONS = ("none", "ln")
+ACTIVATIONS = ("relu", "gelu")
+OPTIMIZERS = ("adamw", "adam")
 # The fields that fix the task and the model's parameter shapes: a checkpoint fits a config iff these agree,
 # and trials trained in one lockstep stack must share them.
 TASK_FIELDS = ("p", "operation")
@@ -70,7 +72,8 @@ FIELD_DOMAINS: dict[str, Domain] = {
     "d_mlp": Domain(int, 1, 65536), "seed": Domain(int, 0, 2 ** 63 - 1),
     "lr": Domain(float, 0, 10, low_open=True), "weight_decay": Domain(float, 0, 1e4),
     "beta1": Domain(float, 0, 1, high_open=True), "beta2": Domain(float, 0, 1, high_open=True),
-    "max_steps": Domain(int, 1, BIG), "eval_every": Domain(int, 1, BIG), "checkpoint_every": Domain(int, 0, BIG),
+    "max_steps": Domain(int, 1, BIG), "eval_every": Domain(int, 1, BIG), "batch_size": Domain(int, 0, BIG),
+    "checkpoint_every": Domain(int, 0, BIG),
     "warmup_steps": Domain(int, 1, BIG), "cyclic_period": Domain(int, 2, BIG),
     "cyclic_min_ratio": Domain(float, 0, 1, low_open=True), "plateau_factor": Domain(float, 0, 1, True, True),
     "plateau_patience": Domain(int, 0, BIG), "wd_final": Domain(float, 0, 1e4), "wd_schedule_steps": Domain(int, 1, BIG),
@@ -100,14 +103,17 @@ class Config:
     n_heads: int = 4
     d_mlp: int = 256
     normalization: str = "none"  # "none" or "ln"
+    activation: str = "relu"  # "relu" or "gelu" (the MLP's; Grokfast's model uses GELU)
     seed: int = 999  # model initialisation seed
-    # --- optimisation: full-batch AdamW ---
+    # --- optimisation: AdamW, full batch unless batch_size > 0 ---
+    optimizer: str = "adamw"  # "adamw" (decoupled weight decay) or "adam" (weight decay as an L2 gradient term)
     lr: float = 1e-2
     weight_decay: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.98
     max_steps: int = 5000
     eval_every: int = 10
+    batch_size: int = 0  # examples per optimizer step, reshuffled every epoch; 0 (or >= the train set): full batch
     checkpoint_every: int = 1000
     # --- earlier project's strategies, all off by default ---
     lr_schedule: str = "constant"  # constant | warmup | cyclic | plateau
@@ -163,7 +169,8 @@ class Config:
                 raise ConfigError(message)
 
         for name, options in (("operation", OPERATIONS), ("lr_schedule", LR_SCHEDULES), ("wd_schedule", WD_SCHEDULES),
-                              ("normalization", NORMALIZATIONS), ("stop_after", STOP_EVENTS)):
+                              ("normalization", NORMALIZATIONS), ("stop_after", STOP_EVENTS),
+                              ("activation", ACTIVATIONS), ("optimizer", OPTIMIZERS)):
             need(getattr(self, name) in options,
                  f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(options)}")
         need(self.operation != "div" or is_prime(self.p),
@@ -180,6 +187,8 @@ class Config:
             need(self.lr * getattr(self, decay) < 1,
                  f"lr x {decay} must be < 1 (AdamW multiplies the weights by 1 - lr*{decay} each step), got "
                  f"{self.lr:g} x {getattr(self, decay):g}")
+        # A curriculum grows a prefix of an ordered set; an epoch's shuffle would undo that order.
+        need(not (self.curriculum and self.batch_size), "curriculum and batch_size > 0 cannot be combined")
         need(self.stop_after != "cleanup_end" or self.progress_every > 0,
              "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
         need(isinstance(self.device, str) and (self.device in DEVICES or
@@ -291,6 +300,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nanda2023": dict(p=113, d_model=128, d_mlp=512, n_heads=4, train_frac=0.3, lr=1e-3, weight_decay=1.0,
                       beta1=0.9, beta2=0.98, max_steps=40000, eval_every=100, checkpoint_every=500,
                       lr_schedule="warmup", warmup_steps=10, progress_every=100, stop_after="cleanup_end"),
+    # Power et al. 2022, "Grokking: generalization beyond overfitting on small algorithmic datasets": its headline
+    # task x / y mod 97 (b != 0) on 50 % of the pairs (Fig. 1). Sources: openai/grok grok/training.py (n_layers 2,
+    # n_heads 4, d_model 128, dropout 0, non_linearity relu, warmup_steps 10, max_lr 1e-3, CustomAdamW betas
+    # (0.9, 0.98)), grok/transformer.py (FFN 4 x d_model, LayerNorm), grok/data.py (batch min(512, n_train / 2)
+    # = 512 here, reshuffled every epoch, last batch shorter), and the paper's "AdamW, weight decay 1" for most
+    # experiments (quoted in ironjr/grokfast main.py; grok's own --weight_decay default is 0).
+    "power2022": dict(p=97, operation="div", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
+                      normalization="ln", activation="relu", optimizer="adamw", lr=1e-3, weight_decay=1.0,
+                      beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
+                      max_steps=100_000, eval_every=100, checkpoint_every=5000),
+    # Lee et al. 2024, "Grokfast: accelerated grokking by amplifying slow gradients", its baseline command
+    # (`python main.py`); the EMA run adds --grokfast-lambda 2 --weight-decay 0.005 (its README). Source: ironjr/grokfast
+    # main.py: x * y mod 97 on half of the pairs, Decoder(dim 128, num_layers 2, num_heads 4) with LayerNorm, a
+    # 4 x dim GELU MLP, torch.optim.Adam (its --optimizer default; weight decay as L2) lr 1e-3, betas (0.9, 0.98),
+    # weight_decay 0, LambdaLR warm-up over 10 updates, batch_size 512 reshuffled every epoch (torch.split: the last
+    # batch shorter), --alpha 0.98 in the README's EMA command; its README's criterion: 95 % validation accuracy.
+    # eval_every 10 = one evaluation per epoch, as its loop does.
+    "grokfast2024": dict(p=97, operation="mul", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
+                         normalization="ln", activation="gelu", optimizer="adam", lr=1e-3, weight_decay=0.0,
+                         beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
+                         grokfast_alpha=0.98, grokfast_lambda=0.0, generalization_threshold=0.95,
+                         max_steps=100_000, eval_every=10, checkpoint_every=1000),
 }
 
 

@@ -69,3 +69,41 @@ def curriculum_order(train_tokens: torch.Tensor) -> torch.Tensor:
     """Indices of the training set from easy to hard: small operands first (the earlier project's idea)."""
     difficulty = train_tokens[:, :2].max(dim=-1).values * train_tokens.shape[0] + torch.arange(len(train_tokens))
     return torch.argsort(difficulty)
+
+
+def sampler_seed(model_seed: int) -> int:
+    """The minibatch sampler's own seed, derived from the model seed (one splitmix64 round), so that the
+    order of batches is fixed by the config yet independent of the model's initialisation stream."""
+    z = (model_seed + 0x9E3779B97F4A7C15) % 2 ** 64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return (z ^ (z >> 31)) % 2 ** 63
+
+
+class MinibatchSampler:
+    """Epochs of shuffled minibatches over ``n`` examples: a fresh permutation each epoch from a private
+    ``torch.Generator`` (not the global RNG), consecutive slices of ``batch_size``, the last one shorter when
+    ``batch_size`` does not divide ``n`` (as ``torch.split`` in Grokfast's loop). ``state()`` holds the
+    generator, the epoch's permutation and the position in it: loading it continues the same sequence."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.permutation: torch.Tensor | None = None
+        self.position = 0
+
+    def next_indices(self) -> torch.Tensor:
+        if self.permutation is None or self.position >= self.n:
+            self.permutation = torch.randperm(self.n, generator=self.generator)
+            self.position = 0
+        indices = self.permutation[self.position:self.position + self.batch_size]
+        self.position += len(indices)
+        return indices
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "permutation": self.permutation, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.permutation = None if state["permutation"] is None else state["permutation"].cpu()
+        self.position = int(state["position"])

@@ -9,7 +9,8 @@ The arithmetic is that of ``GrokkingTransformer.forward(tokens, last_only=True)`
 the fused AdamW step, Grokfast and the gradient norm are unchanged. ``tests/test_fastpath.py`` checks logits,
 loss and every gradient against autograd.
 
-Scope: one layer without LayerNorm (every preset). ``supports(model)`` says when it applies; ``Trainer``
+Scope: one layer, ReLU, without LayerNorm (every preset but power2022 and grokfast2024); minibatches
+are just fewer rows. ``supports(model)`` says when it applies; ``Trainer``
 falls back to autograd otherwise. Hooks do not run on this path: they serve analysis, which uses the
 model's own forward (``run_with_cache`` is untouched). ``GROKKING_FASTPATH=0`` turns it off.
 
@@ -36,7 +37,7 @@ def supports(model: torch.nn.Module) -> bool:
     if not isinstance(model, GrokkingTransformer):
         return False
     params = list(model.parameters())
-    return (model.config.n_layers == 1 and model.config.normalization == "none"
+    return (model.config.n_layers == 1 and model.config.normalization == "none" and model.config.activation == "relu"
             and params[0].dtype in (torch.float32, torch.float64)
             and all(p.requires_grad and p.dtype == params[0].dtype for p in params))
 

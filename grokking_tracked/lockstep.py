@@ -45,7 +45,7 @@ from .train import (Callback, TrainResult, checkpoint_reasons, checkpoint_state,
                     planned_stop, resolve_device, torch_threads)
 
 # What every member of one stack must share: one task, one architecture, one device, one evaluation cadence.
-SHARED_FIELDS = (*TASK_FIELDS, *MODEL_SHAPE_FIELDS, "device", "eval_every")
+SHARED_FIELDS = (*TASK_FIELDS, *MODEL_SHAPE_FIELDS, "activation", "device", "eval_every")
 
 
 def check_compatible(configs: Sequence[Config]) -> None:
@@ -60,10 +60,11 @@ def check_compatible(configs: Sequence[Config]) -> None:
                                  f"{getattr(first, name)!r}")
         unsupported = [name for name, off in (("curriculum", False), ("lr_schedule", "constant"),
                                               ("wd_schedule", "constant"), ("grokfast_lambda", 0.0),
-                                              ("progress_every", 0), ("stop_after", "generalization"))
+                                              ("progress_every", 0), ("stop_after", "generalization"),
+                                              ("batch_size", 0), ("optimizer", "adamw"))
                        if getattr(config, name) != off]
         if unsupported:
-            raise ValueError(f"lockstep training supports the plain AdamW loop only; set "
+            raise ValueError(f"lockstep training supports the plain full-batch AdamW loop only; set "
                              f"{', '.join(unsupported)} to their defaults or train this trial with Trainer")
 
 

@@ -123,9 +123,10 @@ class MLP(nn.Module):
         self.W_out = _normal(config.d_mlp, config.d_model, std=1 / math.sqrt(config.d_model))
         self.b_out = nn.Parameter(torch.zeros(config.d_model))
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+        self.act_fn = F.gelu if config.activation == "gelu" else F.relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        post = self.hook_post(F.relu(self.hook_pre(x @ self.W_in + self.b_in)))
+        post = self.hook_post(self.act_fn(self.hook_pre(x @ self.W_in + self.b_in)))
         return post @ self.W_out + self.b_out
 
 

@@ -40,10 +40,12 @@ def weight_decay_at(config: Config, step: int) -> float:
     return config.weight_decay + t * (config.wd_final - config.weight_decay)
 
 
-def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
-    # fused AdamW runs one kernel per step for all parameters (CPU and CUDA, float32).
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
-                             weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
+def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
+    # fused: one kernel per step for all parameters (CPU and CUDA, float32). "adam" is Grokfast's default
+    # (its weight decay is an L2 term added to the gradient, not AdamW's decoupled shrinking).
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return kind(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config):

@@ -1,4 +1,5 @@
-"""The training loop: full-batch AdamW, device-resident data, no tracking imports.
+"""The training loop: AdamW on the full batch or on shuffled minibatches (``batch_size``), device-resident
+data, no tracking imports.
 
 Between evaluations the loop never reads a value back to the host: the loss stays a device tensor,
 evaluation metrics are gathered into one tensor and read with a single ``tolist()``. Everything a
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
-from .data import ModularData, curriculum_order, make_dataset
+from .data import MinibatchSampler, ModularData, curriculum_order, make_dataset, sampler_seed
 from .detect import GrokDetector
 from . import fastpath
 from .measures import ProgressMeasures
@@ -190,13 +191,14 @@ def checkpoint_reasons(config: Config, step: int, events: list[dict], final: boo
 
 def checkpoint_state(config: Config, step: int, model: torch.nn.Module, optimizer_state: dict,
                      detector: GrokDetector, scheduler_state: dict | None = None,
-                     grokfast_ema: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                     grokfast_ema: list[torch.Tensor] | None = None,
+                     sampler_state: dict | None = None) -> dict[str, Any]:
     """One checkpoint: everything needed to continue bit-for-bit; only tensors and plain containers, so it loads
     with ``torch.load(weights_only=True)``. Written by Trainer and LockstepTrainer alike."""
     return {
         "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "step": step, "model": model.state_dict(),
         "optimizer": optimizer_state, "scheduler": scheduler_state, "detector": detector.state(),
-        "grokfast_ema": grokfast_ema,
+        "grokfast_ema": grokfast_ema, "sampler": sampler_state,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []},
     }
@@ -231,6 +233,9 @@ class Trainer:
         self._eval_tokens = self.data.all_tokens
         self._eval_labels = torch.cat([self.data.train_labels, self.data.test_labels])
         self._n_train = len(self.data.train_labels)
+        # batch_size >= the train set is the full-batch loop itself (no shuffle), so it is bit-for-bit full batch.
+        self.sampler = (MinibatchSampler(self._n_train, config.batch_size, sampler_seed(config.seed))
+                        if 0 < config.batch_size < self._n_train else None)
         self._eval_train_mask = torch.arange(len(self._eval_labels), device=self.device) < self._n_train
         # Experimental (GROKKING_CUDA_GRAPH=1, CUDA only): replay the whole step as one CUDA graph.
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -250,6 +255,7 @@ class Trainer:
         must do the same work with the same constants (full batch, constant lr and weight decay)."""
         c = self.config
         if (self.device.type != "cuda" or c.curriculum or c.grokfast_lambda or c.wd_schedule != "constant"
+                or self.sampler is not None
                 or c.lr_schedule not in ("constant", "warmup")):
             return None
         return self.step + 3 + (c.warmup_steps if c.lr_schedule == "warmup" else 0)  # eager warm-up first
@@ -296,8 +302,12 @@ class Trainer:
         return self._eager_step()
 
     def _eager_step(self) -> torch.Tensor:
-        n = self.active_train_examples(self.step)
-        tokens, labels = self._train_tokens[:n], self._train_labels[:n]
+        if self.sampler is not None:
+            index = self.sampler.next_indices().to(self.device)
+            tokens, labels = self._train_tokens[index], self._train_labels[index]
+        else:
+            n = self.active_train_examples(self.step)
+            tokens, labels = self._train_tokens[:n], self._train_labels[:n]
         if fastpath.enabled() and fastpath.supports(self.model):
             loss = fastpath.loss_and_grads(self.model, tokens, labels)  # same gradients, ~0.6x the CPU time
         else:
@@ -332,7 +342,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return checkpoint_state(self.config, self.step, self.model, self.optimizer.state_dict(), self.detector,
                                 None if self.scheduler is None else self.scheduler.state_dict(),
-                                None if self.grokfast is None else self.grokfast.ema)
+                                None if self.grokfast is None else self.grokfast.ema,
+                                None if self.sampler is None else self.sampler.state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -344,6 +355,8 @@ class Trainer:
         self.detector.load_state(state["detector"])
         if self.grokfast is not None and state["grokfast_ema"] is not None:
             self.grokfast.ema = [t.to(self.device) for t in state["grokfast_ema"]]
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state(state["sampler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -91,6 +91,10 @@ RUN_CASES = [
     (["--set", "stop_margin=-1"], "stop_margin must be an integer"),
     (["--set", "onset_loss_drop=nan"], "onset_loss_drop must be a finite number"),
     (["--set", "seed=-3"], "seed must be an integer"),
+    (["--batch-size", "-1"], "batch_size must be an integer in [0, "),
+    (["--curriculum", "--batch-size", "64"], "curriculum and batch_size > 0 cannot be combined"),
+    (["--set", "activation=tanh"], "unknown activation 'tanh'"),
+    (["--set", "optimizer=sgd"], "unknown optimizer 'sgd'"),
     (["--set", "nonsense=1"], "unknown config field"),
     (["--set", "lr"], "--set expects FIELD=VALUE"),
     (["--set", "p=abc"], "p expects a int"),
@@ -130,6 +134,8 @@ def spec_with(tmp_path: Path, replace: dict[str, str] | None = None) -> Path:
 
 
 SPEC_CASES = {
+    "lockstep with minibatches": ({"n_trials = 2": "n_trials = 2\nlockstep = 2", "max_steps = 40": "batch_size = 16"},
+                                  "lockstep training supports the plain full-batch AdamW loop only; set batch_size"),
     "unknown task field": ({"max_steps = 40": "learning_rate = 0.1"}, "unknown config field(s) in [task]: learning_rate"),
     "unknown search field": ({"train_frac = {": "trainfrac = {"}, "unknown config field(s) in [search]"),
     "inverted range": ({"low = 0.4, high = 0.8": "low = 0.8, high = 0.4"}, "empty or inverted range"),

@@ -95,6 +95,10 @@ def test_run_end_to_end_against_a_server(mlflow_server, tmp_path):
 
 # The resume test's task: memorised at 50, onset at 220, generalised at 430, stopped at 630 (~10 s of training).
 RESUMED = ["--p", "59", "--train-frac", "0.35", "--eval-every", "10", "--checkpoint-every", "50"]
+# The same task in minibatches of 450 of the 1,218 training pairs (3 steps an epoch, the last of 318): memorised at
+# 120, onset at 310, generalised at 580, stopped at 780. Killed after the checkpoint at 200, it resumes from 200
+# or 250, both inside an epoch: the sampler's permutation and position must come back from the checkpoint.
+RESUMED_MINIBATCH = [*RESUMED, "--batch-size", "450"]
 
 
 def checkpoint_steps(client: MlflowClient, run_id: str) -> list[int]:
@@ -122,13 +126,15 @@ def assert_same_events(got: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tmp_path):
+@pytest.mark.parametrize("args, kill_after, end", [(RESUMED, 100, 630), (RESUMED_MINIBATCH, 200, 780)],
+                         ids=["full-batch", "minibatch"])
+def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tmp_path, args, kill_after, end):
     """A real `run` SIGKILLed mid-training (after memorisation, before onset and generalisation), then
     `--resume`d: the whole metric history, the events (metrics and events.json) and the final weights equal an
     uninterrupted training of the same config; the resume started from the newest checkpoint, not from step 0."""
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "grokking_tracked", "run", *RESUMED, "--experiment", "resume", "--no-progress",
+        [sys.executable, "-m", "grokking_tracked", "run", *args, "--experiment", "resume", "--no-progress",
          "--tracking-uri", mlflow_server], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
@@ -139,12 +145,12 @@ def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tm
         run_id = line.split()[-1]
         client = MlflowClient(mlflow_server)
         # Observable state, not a delay: a checkpoint past memorisation is on the server and evaluations after it
-        # are logged (the resume must skip those), well before onset (220) and the end (630).
+        # are logged (the resume must skip those), well before onset (220; minibatch: 310) and the end.
         deadline = time.time() + 240
-        while not (100 in checkpoint_steps(client, run_id)
-                   and max(steps_of(client, run_id, "accuracy/test"), default=0) >= 120):
+        while not (kill_after in checkpoint_steps(client, run_id)
+                   and max(steps_of(client, run_id, "accuracy/test"), default=0) >= kill_after + 20):
             assert process.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint at step 100 within 240 s"
+            assert time.time() < deadline, f"no checkpoint at step {kill_after} within 240 s"
             time.sleep(0.1)
         process.send_signal(signal.SIGKILL)
         process.wait(30)
@@ -155,7 +161,7 @@ def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tm
         process.stderr.close()
     assert client.get_run(run_id).info.status == "RUNNING"  # killed hard: nothing could close it
     killed_at = max(steps_of(client, run_id, "accuracy/test"))
-    assert killed_at < 630, "the kill landed after the run ended"
+    assert killed_at < end, "the kill landed after the run ended"
 
     result = run_cli("run", "--resume", run_id, "--no-progress", cwd=tmp_path,
                      env={"MLFLOW_TRACKING_URI": mlflow_server})  # the environment variable works as in MLflow
@@ -164,7 +170,7 @@ def test_sigkilled_run_resumes_exactly_as_if_never_interrupted(mlflow_server, tm
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     resumed_from = json.loads(run.data.tags["grokking_tracked.resume.1"])["from_step"]
-    assert 100 <= resumed_from <= killed_at and resumed_from % 50 == 0  # a checkpoint, not step 0
+    assert kill_after <= resumed_from <= killed_at and resumed_from % 50 == 0  # a checkpoint, not step 0
 
     # The same config, trained without interruption (in-process: the same single-threaded CPU arithmetic).
     config = Config.from_dict(download_json(client, run_id, "config.json", tmp_path / "config"))

@@ -1,0 +1,170 @@
+"""Minibatch steps/s on ``grokfast2024``: our Trainer against Grokfast's own training loop, on this CPU.
+
+The paper's loop (ironjr/grokfast ``main.py``) is written here afresh, not copied, and runs in an isolated venv
+(``benchmarks/.venv-grokfast/``, git-ignored; torch only, the version installed here) so that nothing of this
+package is imported by it. Kept from its ``main()``: x * y mod 97 for 0 <= x < 97, 0 < y < 97 as 4 input tokens
+[x, op, y, =] (vocabulary p + 2), a random half for training; ``Decoder(dim 128, num_layers 2, num_heads 4)`` of
+pre-LayerNorm blocks with ``nn.MultiheadAttention`` (causal mask) and a 4 x dim GELU MLP, a final LayerNorm and
+a bias-free head; ``torch.optim.Adam`` (lr 1e-3, betas (0.9, 0.98), weight decay 0.005) with a 10-update linear
+warm-up (``LambdaLR``); every epoch a fresh ``randperm`` of the training set split into batches of 512
+(``torch.split``), per batch the float32 cross-entropy of the last position, ``loss.item()``, backward, the EMA
+gradient filter (alpha 0.98, lambda 2: a dict of per-parameter EMAs), the step, and the accuracy's ``.item()``;
+then the same pass without gradients over the validation half in batches of 512. Left out: the plots and
+``torch.save`` of the results every 100 epochs (file output, not training) and tqdm's bar.
+
+Both sides train the same number of optimizer steps with the EMA filter on and evaluate once per epoch (ours:
+``eval_every`` 10 = one epoch of 10 batches; the whole p^2 table in one pass). Rounds alternate A/B; one torch
+thread each (the paper's loop gets torch's default otherwise, which on 2 shared cores is slower; see --threads).
+
+    python benchmarks/grokfast_loop.py [--epochs 20] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VENV = Path(__file__).resolve().parent / ".venv-grokfast"
+
+
+def ensure_venv() -> Path:
+    python = VENV / "bin" / "python"
+    if not (VENV / "ready.txt").exists():
+        print(f"creating {VENV} (torch only)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "torch==2.13.0"], check=True)
+        (VENV / "ready.txt").write_text("torch==2.13.0\n")
+    return python
+
+
+# --------------------------------------------------------------------------------- the paper's loop (venv side)
+def paper_loop(epochs: int, threads: int) -> dict:
+    import math
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    p, dim = 97, 128
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.attn = nn.MultiheadAttention(dim, 4)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+        def forward(self, x):  # x: (seq, batch, dim), as nn.MultiheadAttention's default layout
+            mask = torch.triu(torch.full((len(x), len(x)), -float("inf")), diagonal=1)
+            x = self.ln_1(x)  # the residual is taken after ln_1, as in the paper's Block
+            x = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+            return x + self.mlp(self.ln_2(x))
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(p + 2, dim), nn.Embedding(5, dim)
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+            self.ln_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, p + 2, bias=False)
+
+        def forward(self, x):
+            h = self.tokens(x) + self.positions(torch.arange(x.shape[0])[:, None]).expand(-1, x.shape[1], -1)
+            for layer in self.layers:
+                h = layer(h)
+            return self.head(self.ln_f(h))
+
+    x, y = torch.cartesian_prod(torch.arange(p), torch.arange(1, p)).T
+    data = torch.stack([x, torch.full_like(x, p + 1), y, torch.full_like(x, p), x * y % p])  # (5, N)
+    train, valid = data[:, torch.randperm(data.shape[1])].split(data.shape[1] // 2, dim=1)[:2]
+    model = Decoder()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.005)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 if update > 10 else update / 10)
+    ema: dict | None = None
+    steps = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    for _ in range(epochs):
+        train = train[:, torch.randperm(train.shape[1])]
+        for chunk, is_train in ((train, True), (valid, False)):
+            model.train(is_train)
+            for batch in torch.split(chunk, 512, dim=1):
+                with torch.set_grad_enabled(is_train):
+                    logits = model(batch[:-1])
+                    loss = F.cross_entropy(logits[-1], batch[-1])
+                    total_loss = loss.item()  # noqa: F841 - the loop reads every batch's loss back
+                if is_train:
+                    model.zero_grad()
+                    loss.backward()
+                    if ema is None:
+                        ema = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
+                    for n, q in model.named_parameters():
+                        ema[n] = ema[n] * 0.98 + q.grad.detach() * (1 - 0.98)
+                        q.grad = q.grad + ema[n] * 2.0
+                    optimizer.step()
+                    scheduler.step()
+                    steps += 1
+                (logits[-1].argmax(-1) == batch[-1]).float().mean().item()
+    assert math.isfinite(loss.item())
+    return {"steps": steps, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+            "torch": torch.__version__}
+
+
+# --------------------------------------------------------------------------------- ours (this package)
+def our_loop(steps: int) -> dict:
+    import torch
+
+    from grokking_tracked.config import preset
+    from grokking_tracked.train import Trainer
+
+    torch.set_num_threads(1)
+    config = preset("grokfast2024", max_steps=steps, grokfast_lambda=2.0, weight_decay=0.005, checkpoint_every=0,
+                    stop_on_grok=False, device="cpu")
+    trainer = Trainer(config, progress=False, threads=1)
+    started, cpu = time.perf_counter(), time.process_time()
+    result = trainer.train()
+    return {"steps": result.final_step, "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per round (10 steps each)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the paper's loop")
+    parser.add_argument("--worker", choices=("paper", "ours"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "paper":
+        print(json.dumps(paper_loop(args.epochs, args.threads)))
+        return
+    if args.worker == "ours":
+        print(json.dumps(our_loop(args.epochs * 10)))
+        return
+    python = ensure_venv()
+    here = Path(__file__).resolve()
+    paper_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    ours_env = {**os.environ, "PYTHONPATH": str(here.parent.parent)}
+    rates: dict[str, list[float]] = {"paper": [], "ours": []}
+    for round_ in range(args.rounds):
+        for name, exe, env in (("paper", str(python), paper_env), ("ours", sys.executable, ours_env)):
+            out = subprocess.run([exe, str(here), "--worker", name, "--epochs", str(args.epochs),
+                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{name} worker failed:\n{out.stderr[-2000:]}")
+            reply = json.loads(out.stdout.strip().splitlines()[-1])
+            rates[name].append(reply["steps"] / reply["seconds"])
+            print(f"round {round_} {name:>5}: {reply['steps']} steps in {reply['seconds']:.1f} s "
+                  f"({rates[name][-1]:.2f} steps/s, CPU {reply['cpu_seconds']:.1f} s), "
+                  f"load avg {os.getloadavg()[0]:.2f}", flush=True)
+    paper, ours = statistics.median(rates["paper"]), statistics.median(rates["ours"])
+    print(f"median steps/s: ours {ours:.2f}, paper's loop {paper:.2f}: x{ours / paper:.2f}")
+
+
+if __name__ == "__main__":
+    main()
