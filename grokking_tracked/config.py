@@ -20,9 +20,9 @@ NORMALIZATIONS = ("none", "ln")
 ACTIVATIONS = ("relu", "gelu")
 OPTIMIZERS = ("adamw", "adam")
 # The fields that fix the task and the model's parameter shapes: a checkpoint fits a config iff these agree,
-# and trials trained in one lockstep stack must share them.
+# and trials trained in one lockstep stack must share them (and attention_rate, which changes the forward, not a shape).
 TASK_FIELDS = ("p", "operation")
-MODEL_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp", "normalization")
+MODEL_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp", "normalization", "attention_rate")
 STOP_EVENTS = ("generalization", "cleanup_end")  # what stop_after may name
 
 
@@ -69,7 +69,7 @@ BIG = 10 ** 9  # step counts beyond this are typos, not experiments
 FIELD_DOMAINS: dict[str, Domain] = {
     "p": Domain(int, 3, 5000), "train_frac": Domain(float, 0, 1, True, True), "data_seed": Domain(int, 0, 2 ** 63 - 1),
     "d_model": Domain(int, 1, 16384), "n_layers": Domain(int, 1, 128), "n_heads": Domain(int, 1, 1024),
-    "d_mlp": Domain(int, 1, 65536), "seed": Domain(int, 0, 2 ** 63 - 1),
+    "d_mlp": Domain(int, 1, 65536), "attention_rate": Domain(float, 0, 1), "seed": Domain(int, 0, 2 ** 63 - 1),
     "lr": Domain(float, 0, 10, low_open=True), "weight_decay": Domain(float, 0, 1e4),
     "beta1": Domain(float, 0, 1, high_open=True), "beta2": Domain(float, 0, 1, high_open=True),
     "max_steps": Domain(int, 1, BIG), "eval_every": Domain(int, 1, BIG), "batch_size": Domain(int, 0, BIG),
@@ -104,6 +104,9 @@ class Config:
     d_mlp: int = 256
     normalization: str = "none"  # "none" or "ln"
     activation: str = "relu"  # "relu" or "gelu" (the MLP's; Grokfast's model uses GELU)
+    # Zhong et al. 2023's "attention rate": 1 = learned attention, 0 = constant (uniform) attention; in between
+    # pattern = rate * softmax + (1 - rate), their blend (model.py). Uniform attention tends to learn "pizza".
+    attention_rate: float = 1.0
     seed: int = 999  # model initialisation seed
     # --- optimisation: AdamW, full batch unless batch_size > 0 ---
     optimizer: str = "adamw"  # "adamw" (decoupled weight decay) or "adam" (weight decay as an L2 gradient term)

@@ -67,6 +67,7 @@ class Attention(nn.Module):
         std = 1 / math.sqrt(d)
         self.W_Q, self.W_K, self.W_V = (_normal(h, d, e, std=std) for _ in range(3))
         self.W_O = _normal(h, e, d, std=std)
+        self.attention_rate = config.attention_rate
         self.register_buffer("causal_mask", torch.tril(torch.ones(config.n_ctx, config.n_ctx, dtype=torch.bool)),
                              persistent=False)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
@@ -110,7 +111,14 @@ class Attention(nn.Module):
         if not last_only:  # the last position attends to every position: no mask needed there
             n = k.shape[1]
             scores = scores.masked_fill(~self.causal_mask[:n, :n], float("-inf"))
-        pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
+        pattern = self.hook_attn_scores(scores).softmax(dim=-1)
+        if self.attention_rate != 1:
+            # Zhong et al. 2023 (fjzzq2002/pizza, code/train-main.py, Attention.forward): pattern =
+            # rate * softmax + (1 - rate), an un-normalised constant; at rate 0 each position sums the values
+            # it sees. Their model has no mask; ours keeps the causal one (the last position sees all anyway).
+            allowed = 1.0 if last_only else self.causal_mask[:k.shape[1], :k.shape[1]].to(pattern.dtype)
+            pattern = self.attention_rate * pattern + (1 - self.attention_rate) * allowed
+        pattern = self.hook_pattern(pattern)
         z = self.hook_z((rearrange(pattern, "b h q k -> b q k h 1") * v[:, None]).sum(2))  # (b, q, h, e)
         return z.flatten(-2) @ self.W_O.flatten(0, 1)
 

@@ -12,7 +12,7 @@ import torch
 
 from grokking_tracked.analysis import (CheckpointError, analyze_checkpoints, find_checkpoints, load_checkpoint,
                                        model_from_checkpoint)
-from grokking_tracked.analysis import fourier
+from grokking_tracked.analysis import algorithm, fourier
 from grokking_tracked.analysis.plots import compare_runs_figure
 from grokking_tracked.config import preset
 from grokking_tracked.train import Callback, Trainer
@@ -146,6 +146,21 @@ def test_control_without_weight_decay_answers_the_opposite(grokked, control):
     for record in summary["checkpoints"]:  # no key frequencies: nothing is removed, excluded loss = train loss
         assert record["excluded_loss"] == pytest.approx(record["train_loss"], rel=1e-9, abs=1e-12)
     assert summary["phases"]["circuit_formation"] is None and summary["phases"]["cleanup"] is None
+
+
+def test_algorithm_measures_per_checkpoint_and_the_final_class(grokked, control):
+    summary = grokked[3]
+    first, last = summary["checkpoints"][0], summary["checkpoints"][-1]
+    which = summary["algorithm"]
+    assert which["step"] == last["step"] and which["rule"] == algorithm.RULE
+    assert which["class"] == algorithm.classify_algorithm(last["gradient_symmetricity"], last["distance_irrelevance"],
+                                                          test_accuracy=last["test_acc"])
+    # the trained circuit's logits are mostly the key-frequency terms; the random initialisation's are not
+    assert last["key_variance_explained"] > 0.7 > 0.01 > first["key_variance_explained"]
+    assert first["distance_irrelevance"] > 0.95  # no structure at initialisation
+    # the control only memorises: never classified, however its measures fall
+    assert control[1]["algorithm"]["class"] == "undetermined"
+    assert all(r["key_variance_explained"] == 0.0 for r in control[1]["checkpoints"])  # no key frequencies
 
 
 def test_onset_fires_before_generalization_in_grokking_but_not_in_a_control(grokked, control):

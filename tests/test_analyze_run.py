@@ -63,6 +63,10 @@ def test_analyze_from_a_fresh_directory_logs_back_into_the_run(mlflow_server, tr
     assert fourier["key_frequencies"] == key_frequencies(norms)[0] != []  # the documented rule, a sparse answer
     assert summary["final"]["test_acc"] > 0.99  # measured from the final checkpoint itself
     assert json.loads(run.data.tags["analysis.key_frequencies"]) == fourier["key_frequencies"]
+    assert run.data.tags["analysis.algorithm"] == summary["algorithm"]["class"]
+    for name in ("gradient_symmetricity", "distance_irrelevance", "key_variance_explained"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(trained_run, f"analysis/{name}"))
+        assert logged == [(c["step"], pytest.approx(c[name])) for c in summary["checkpoints"]]
     assert run.info.status == "FINISHED"
 
     again = run_cli("analyze", trained_run, "--tracking-uri", mlflow_server, "--no-progress", cwd=fresh)

@@ -21,7 +21,7 @@ from ..data import make_dataset
 from ..detect import GrokDetector, detect_events
 from .. import figures as run_figures
 from ..measures import ProgressMeasures
-from . import fourier, mechanics, plots
+from . import algorithm, fourier, mechanics, plots
 from .checkpoints import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 
 SUMMARY_VERSION = 2
@@ -33,6 +33,8 @@ PAPER_PHASES = {"memorization_end": 1400, "circuit_formation_end": 9400, "cleanu
 PHASE_EVENTS = ("memorization", "circuit_formation", "cleanup", "generalization", "cleanup_end")
 
 History = list[tuple[int, Mapping[str, float]]]
+# Per-checkpoint measures that analyze logs as metrics at the checkpoint's step (as analysis/<name>).
+ALGORITHM_METRICS = ("gradient_symmetricity", "distance_irrelevance", "key_variance_explained")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -106,6 +108,7 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         logits, cache = mechanics.forward_with_cache(model, config.p)
         last = logits[:, -1]  # (p·p, p), row a·p + b
         reading = measures.read(model, keys=keys, logits=last[grid_index])
+        which = algorithm.measure(model, measures.grid, last[grid_index], keys)  # clock or pizza (Zhong et al.)
         grid = mechanics.attention_from_equals(cache, config.p)
         if i in heatmap_at:
             heatmaps[step] = grid
@@ -128,6 +131,7 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
             "test_acc": _accuracy(last[test_index], data.test_labels),
             **reading.metrics,  # restricted/excluded loss with the final keys; n_key_frequencies of this step
             "key_frequencies": reading.key_frequencies,
+            **which,
             "weight_relative_change": weights["relative_change"],
             "weights": weights,
             "attention": attention,
@@ -173,6 +177,7 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
             "final_neuron_logit_freq_norms": final.neuron_logit_freq_norms,
         },
         "restricted_loss_falls_before_test_loss": comparison,
+        "algorithm": _algorithm(records[-1], measures.grid.view),
         "phases": _phases(found_events, events_source),
         "final": {k: records[-1][k] for k in ("step", "train_loss", "test_loss", "train_acc", "test_acc",
                                               "restricted_loss", "excluded_loss", "gini_embedding",
@@ -185,6 +190,17 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
     summary = _clean(summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     return summary
+
+
+def _algorithm(final: dict, view: fourier.GroupView) -> dict:
+    """Zhong et al.'s class of the final checkpoint, its measures and the rule that decided."""
+    answer = "undetermined"
+    if view.meaningful:
+        answer = algorithm.classify_algorithm(final["gradient_symmetricity"], final["distance_irrelevance"],
+                                              test_accuracy=final["test_acc"])
+    return {"class": answer, "step": final["step"],
+            **{k: final[k] for k in ALGORITHM_METRICS}, "key_fit_loss": final["key_fit_loss"],
+            "rule": algorithm.RULE, "gradient_triples": algorithm.GRADIENT_TRIPLES, "basis": view.basis}
 
 
 def _restricted_vs_test(records: list[dict], history: History | None, drop_fraction: float) -> dict:

@@ -13,7 +13,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 
 from .fetch import RunArtifacts, fetch_history
 from .provenance import command_line, versions
@@ -44,6 +44,16 @@ def _log_step_images(client, run_id: str, directory: Path) -> None:
         key, _, step = path.stem.rpartition("_step_")
         with Image.open(path) as image:
             client.log_image(run_id, image.convert("RGB"), key=key, step=int(step), synchronous=True)
+
+
+def _checkpoint_metrics(summary: dict) -> list[Metric]:
+    """The per-checkpoint algorithm measures as ``analysis/<name>`` metrics at each checkpoint's step (the run
+    page groups them in an "analysis" section)."""
+    from ..analysis.report import ALGORITHM_METRICS
+
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    return [Metric(f"{ANALYSIS_DIR}/{name}", float(record[name]), now, int(record["step"]))
+            for record in summary["checkpoints"] for name in ALGORITHM_METRICS if record.get(name) is not None]
 
 
 def _next_analysis_number(artifacts: RunArtifacts) -> int:
@@ -89,7 +99,9 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path
             RunTag("analysis.restricted_loss_falls_before_test_loss",
                    str(summary["restricted_loss_falls_before_test_loss"]["answer"]).lower()),
             RunTag("analysis.phases", json.dumps({k: v for k, v in summary.get("phases", {}).items()
-                                                  if k not in ("rule", "order", "paper", "source")}))])
+                                                  if k not in ("rule", "order", "paper", "source")})),
+            RunTag("analysis.algorithm", summary["algorithm"]["class"])],
+            metrics=_checkpoint_metrics(summary))
         if output is not None:
             shutil.copytree(out_dir, Path(output), dirs_exist_ok=True)
     return summary
