@@ -214,7 +214,10 @@ def _log_seed_groups(study: optuna.Study, spec: StudySpec, parent: TrackedRun) -
     parent.log_figure(figures.grouped_curves(histories, metrics=("test_acc", "train_acc"), band="iqr"),
                       "figures/seed_groups.png")
     parent.log_text(figures.event_step_table(events).to_csv(index=False), "seed_groups_events.csv")
-study: optuna.Study):
+
+
+@figures.styled
+def train_frac_figure(study: optuna.Study):
     """Steps to generalize vs train fraction (Power et al. 2022: steep growth as the fraction falls). Each trial
     is a point coloured by its learning rate: trials differ in more than the fraction, so no line joins them."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "train_frac" in t.params]

@@ -104,9 +104,11 @@ class TrialRun:
         self.run.set_tags({TRIAL_STATE_TAG: state, **tags})
         self.run.end(status, background=background)
 
-    def complete(self, value, generalized: bool, tags: dict[str, str] | None = None) -> None:
+    def complete(self, value, result: TrainResult | bool, tags: dict[str, str] | None = None) -> None:
         """COMPLETE once the run's data is delivered; its figures (drawn elsewhere) and FINISHED follow in the
-        background, so the worker's next trial trains meanwhile."""
+        background, so the worker's next trial trains meanwhile. ``result``: the training's, or (a seeded trial)
+        whether any seed generalized."""
+        generalized = result if isinstance(result, bool) else result.grokked
         self._end(COMPLETE, FINISHED, background=True,
                   **{VALUE_TAG: str(value), GENERALIZED_TAG: str(generalized).lower(), **(tags or {})})
 
@@ -257,7 +259,7 @@ class Objective:
                 trial_run.fail(exc)
                 raise KeyboardInterrupt() from exc
             value = trial_value(trial, context.spec, config, result, pruning.seconds_to_generalize)
-            trial_run.complete(value, result.grokked, {PHASE_TAG: phase_of(context.spec, config, result)})
+            trial_run.complete(value, result, {PHASE_TAG: phase_of(context.spec, config, result)})
         return value
 
     def train_seed(self, config: Config, run: TrackedRun, pruning: PruningCallback) -> TrainResult:
