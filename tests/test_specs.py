@@ -19,8 +19,8 @@ STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"
 
 
 def test_the_shipped_specs_are_the_ones_documented():
-    assert [p.name for p in STUDIES] == ["fastest_grokking.toml", "grokfast_paper.toml", "seed_task.toml",
-                                         "train_fraction_sweep.toml"]
+    assert [p.name for p in STUDIES] == ["fastest_grokking.toml", "grokfast_paper.toml", "grokking_delay.toml",
+                                         "phase_diagram.toml", "seed_task.toml", "train_fraction_sweep.toml"]
 
 
 def points(param) -> list:

@@ -17,14 +17,12 @@ INTERMEDIATE_VALUES_ATTR = "intermediate_values"
 # A trial user attr: the trial's run page in the MLflow UI.
 RUN_URL_ATTR = "mlflow_run_url"
 
-OBJECTIVE_NAMES = {"steps": ["steps_to_generalize"], "seconds": ["seconds_to_generalize"],
-                   "steps_vs_train_frac": ["steps_to_generalize", "train_frac"]}
 PRUNE_METRIC_MEANING = {"test_loss": "test loss", "test_error": "test error (1 - test accuracy)"}
 
 
 def metric_names(spec: StudySpec) -> list[str]:
     """The objective values' names, in the order of ``spec.directions``."""
-    return OBJECTIVE_NAMES[spec.objective]
+    return list(spec.target.metric_names)
 
 
 def ui_base(tracking_uri: str) -> str:

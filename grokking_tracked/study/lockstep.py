@@ -15,8 +15,9 @@ from ..lockstep import SHARED_FIELDS, LockstepTrainer, check_compatible
 from ..tracking.tracker import MlflowTracker
 from ..train import Callback, TrainResult
 from .spec import StudyError, StudySpec
-from .storage import count_finished, heartbeat
-from .trial import FAIL_REASON_ATTR, PruningCallback, StudyContext, TrialRun, trial_config, trial_value
+from .storage import heartbeat, room_for_trials
+from .trial import (FAIL_REASON_ATTR, PHASE_TAG, PruningCallback, StudyContext, TrialRun, phase_of, trial_config,
+                    trial_value)
 
 MAX_CONSECUTIVE_FAILED_BATCHES = 3
 
@@ -44,7 +45,7 @@ class _TellOptuna(Callback):
 
     def on_train_end(self, member, result: TrainResult) -> None:
         value = trial_value(self.trial, self.spec, member.config, result, self.pruning.seconds_to_generalize)
-        self.trial_run.complete(value, result)
+        self.trial_run.complete(value, result, {PHASE_TAG: phase_of(self.spec, member.config, result)})
         self._tell(value)
 
     def on_train_stopped(self, member, error: BaseException) -> None:
@@ -93,10 +94,10 @@ def optimize_lockstep(study: optuna.Study, context: StudyContext, k: int, n_tria
     """One worker in lockstep mode: batches of up to k trials until ``n_trials`` have finished."""
     deadline = time.monotonic() + timeout if timeout else None
     failed_batches = 0
-    while (finished := count_finished(study)) < n_trials:
+    while (room := room_for_trials(study, n_trials, deadline)) > 0:  # counts the trials running elsewhere too
         if deadline is not None and time.monotonic() >= deadline:
             return
-        configs, members = _open_batch(study, context, min(k, n_trials - finished))
+        configs, members = _open_batch(study, context, min(k, room))
         callbacks = [[MlflowTracker(m.trial_run.run, drawer=context.drawer), m.pruning, m] for m in members]
         with contextlib.ExitStack() as beats:  # a killed worker's trials go stale and are retried
             for member in members:

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .. import figures
+from .. import figures, learning_phases
 from . import plots
 from .dashboard import metric_names
 from ..tracking.fetch import fetch_history
@@ -125,8 +125,95 @@ def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, compl
                                                              f"{spec.prune_metric} (reported to the pruner)"))
     if "train_frac" in names:
         log("steps_vs_train_frac", lambda: train_frac_figure(study), from_optuna=False)
+    if {"lr", "weight_decay"} <= set(names):
+        table = phase_table(study)
+        parent.log_text(table.to_csv(index=False), "phase_diagram.csv")
+        log("phase_diagram", lambda: phase_diagram_figure(table, study.study_name, phase_rule(spec)), from_optuna=False)
+    if spec.seeds > 1:
+        _log_seed_groups(study, spec, parent)
     if not multi:
         log("best_vs_baseline", lambda: best_vs_baseline_figure(study, spec, parent), from_optuna=False)
+
+
+def phase_rule(spec: StudySpec) -> str:
+    from .trial import comprehension_delay
+
+    base = spec.base_config()
+    return learning_phases.rule(comprehension_delay(spec, base), base.max_steps)
+
+
+def phase_table(study: optuna.Study):
+    """One row per COMPLETE trial: lr, weight decay, its learning phase and its events' steps."""
+    import pandas as pd
+
+    rows = [{"trial": t.number, "lr": t.params["lr"], "weight_decay": t.params["weight_decay"],
+             "phase": t.user_attrs.get("phase"), "grokking_delay": t.user_attrs.get("grokking_delay"),
+             "memorization_step": t.user_attrs.get("memorization_step"),
+             "generalization_step": t.user_attrs.get("generalization_step"), "final_step": t.user_attrs.get("final_step")}
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "lr" in t.params and "weight_decay" in t.params]
+    columns = ["trial", "lr", "weight_decay", "phase", "grokking_delay", "memorization_step", "generalization_step",
+               "final_step"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["lr", "weight_decay"]).reset_index(drop=True)
+
+
+def _compact(steps) -> str:
+    return f"{steps / 1000:.1f}k" if steps >= 1000 else f"{int(steps)}"
+
+
+@figures.styled
+def phase_diagram_figure(table, study_name: str, rule: str = ""):
+    """Liu et al. 2022's phase diagram: each trial a square at (weight decay, learning rate), coloured by its
+    learning phase; a generalising trial's square carries its delay (generalization - memorization, steps)."""
+    fig, ((ax,),) = figures.new_figure(1, 1, figsize=(8, 6.4))
+    for phase in learning_phases.PHASES:
+        group = table[table["phase"] == phase]
+        ax.scatter(group["weight_decay"], group["lr"], marker="s", s=420, color=learning_phases.PHASE_COLORS[phase],
+                   edgecolors="#444444", linewidths=0.5, label=f"{phase} ({len(group)})")
+    for row in table.itertuples():
+        if row.grokking_delay is not None and row.grokking_delay == row.grokking_delay:  # not None, not NaN
+            ax.annotate(_compact(row.grokking_delay), (row.weight_decay, row.lr), ha="center", va="center",
+                        fontsize=6.5, color="black")
+    ax.set(xscale="log", yscale="log", xlabel="weight decay (log scale)", ylabel="learning rate (log scale)",
+           title=f"study {study_name}: learning phases (squares: trials; numbers: steps from memorisation to "
+                 "generalisation)")
+    ax.title.set_fontsize(9)
+    ax.margins(0.08)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="phase")
+    if rule:
+        fig.supxlabel(rule, fontsize=6.5, wrap=True)
+    return fig
+
+
+SEED_GROUPS_SKIPPED = "figures/seed_groups.png needs figures.grouped_curves (the config-group helper's)"
+
+
+def _log_seed_groups(study: optuna.Study, spec: StudySpec, parent: TrackedRun) -> None:
+    """A seeds study's parent run: each COMPLETE trial's seed runs as one group (median and band of their curves),
+    and the event steps per group, through ``figures.grouped_curves`` and ``figures.event_step_table`` (another
+    change adds them; without them this is skipped with a tag)."""
+    if not (hasattr(figures, "grouped_curves") and hasattr(figures, "event_step_table")):
+        parent.set_tags({FIGURE_SKIPPED_TAG.format(name="seed_groups"): SEED_GROUPS_SKIPPED})
+        return
+    from .trial import TRIAL_NUMBER_TAG, TRIAL_SEED_ROLE
+
+    client = parent.client
+    histories, events = {}, {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if not run_id:
+            continue
+        seeds = client.search_runs([parent.experiment_id or client.get_run(run_id).info.experiment_id],
+                                   f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`{ROLE_TAG}` = '{TRIAL_SEED_ROLE}'"
+                                   f" and tags.`{TRIAL_NUMBER_TAG}` = '{trial.number}'")
+        name = f"trial {trial.number}"
+        histories[name] = [fetch_history(client, r.info.run_id) for r in seeds]
+        events[name] = trial.user_attrs.get("seed_events", [])
+    if not histories:
+        return
+    parent.log_figure(figures.grouped_curves(histories, metrics=("test_acc", "train_acc"), band="iqr"),
+                      "figures/seed_groups.png")
+    parent.log_text(figures.event_step_table(events).to_csv(index=False), "seed_groups_events.csv")
 
 
 @figures.styled

@@ -1,13 +1,8 @@
 """A study spec: the TOML file in ``studies/`` that names the task, the search space, the objective, the budget,
 the sampler and the pruner; and the Optuna sampler and pruner it asks for.
 
-Objective values (minimised):
-  ``steps``   -- the trial run's generalization_step; a trial that does not generalize within its budget
-                 gets ``penalty_factor * max_steps`` (default 2 x budget: worse than any generalizing trial).
-  ``seconds`` -- wall seconds of the training loop until generalization; not generalized: ``penalty_factor`` x
-                 the seconds the whole budget took.
-  ``steps_vs_train_frac`` -- two objectives (steps as above, train_frac): a Pareto front. No pruning (Optuna
-                 does not prune multi-objective trials).
+Objectives (minimised) are registered in ``objectives.py``: ``steps``, ``seconds``, ``delay``,
+``steps_vs_train_frac``; see there.
 """
 
 from __future__ import annotations
@@ -24,8 +19,8 @@ from typing import Any
 import optuna
 
 from ..config import PRESETS, Config, ConfigError, UserError, name_problem, preset
+from . import objectives
 
-OBJECTIVES = ("steps", "seconds", "steps_vs_train_frac")
 PRUNE_METRICS = ("test_loss", "test_error")  # test_error = 1 - test_acc (minimised like the objective)
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
             "qmc": "QMCSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler", "bruteforce": "BruteForceSampler"}
@@ -102,11 +97,17 @@ class StudySpec:
     max_retry: int = 2
     compare_preset: str | None = None  # the baseline of best_vs_baseline.png (default: the study's preset)
     lockstep: int = 1  # trials trained together in one LockstepTrainer; 1 = one at a time
+    seeds: int = 1  # each trial trains its config with this many seeds (seed, data_seed); its value is the median
+    comprehension_delay: int | None = None  # [phases]: see learning_phases.py (default: max_steps // 10)
     text: str = ""
 
     @property
+    def target(self) -> objectives.StudyObjective:
+        return objectives.get(self.objective)
+
+    @property
     def directions(self) -> list[str]:
-        return ["minimize", "minimize"] if self.objective == "steps_vs_train_frac" else ["minimize"]
+        return self.target.directions
 
     def base_config(self) -> Config:
         return preset(self.preset, **self.overrides)
@@ -115,9 +116,10 @@ class StudySpec:
         return self.penalty_factor * config.max_steps
 
 
-_SECTIONS = {"study", "task", "objective", "search", "sampler", "pruner"}
+_SECTIONS = {"study", "task", "objective", "search", "sampler", "pruner", "phases"}
 _STUDY_KEYS = {"name", "experiment", "n_trials", "heartbeat_interval", "grace_period", "max_retry", "compare_preset",
-               "lockstep"}
+               "lockstep", "seeds"}
+_PHASES_KEYS = {"comprehension_delay"}
 _OBJECTIVE_KEYS = {"target", "penalty_factor"}
 _PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
 
@@ -148,8 +150,9 @@ def load_spec(path: str | Path) -> StudySpec:
     if unknown:
         fail(f"unknown section(s) {', '.join(unknown)}; expected {', '.join(sorted(_SECTIONS))}")
     study, task, objective = table("study"), table("task"), table("objective")
-    search, sampler, pruner = table("search"), table("sampler"), table("pruner")
-    for name, keys, allowed in (("study", study, _STUDY_KEYS), ("objective", objective, _OBJECTIVE_KEYS)):
+    search, sampler, pruner, phases = table("search"), table("sampler"), table("pruner"), table("phases")
+    for name, keys, allowed in (("study", study, _STUDY_KEYS), ("objective", objective, _OBJECTIVE_KEYS),
+                                ("phases", phases, _PHASES_KEYS)):
         extra = sorted(set(keys) - allowed)
         if extra:
             fail(f"unknown field(s) in [{name}]: {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
@@ -161,7 +164,7 @@ def load_spec(path: str | Path) -> StudySpec:
             fail(f"[study] {key} {problem}")
     if "'" in spec.name and '"' in spec.name:  # MLflow's filter strings cannot quote such a name
         fail(f"[study] name {spec.name!r} contains both quote characters; MLflow cannot search for it")
-    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_retry", "lockstep"):
+    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_retry", "lockstep", "seeds"):
         if key in study:
             if not is_integer(study[key]) or study[key] < (0 if key in ("max_retry", "n_trials") else 1):
                 fail(f"[study] {key} must be a {'non-negative' if key in ('max_retry', 'n_trials') else 'positive'} "
@@ -190,8 +193,8 @@ def load_spec(path: str | Path) -> StudySpec:
         fail(f"[task]: {exc}")
 
     spec.objective = str(objective.get("target", "steps"))
-    if spec.objective not in OBJECTIVES:
-        fail(f"unknown objective target {spec.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if spec.objective not in objectives.names():
+        fail(f"unknown objective target {spec.objective!r}; choose one of {', '.join(objectives.names())}")
     spec.penalty_factor = objective.get("penalty_factor", spec.penalty_factor)
     if not is_number(spec.penalty_factor) or spec.penalty_factor < 1:
         fail(f"[objective] penalty_factor must be a number >= 1, got {spec.penalty_factor!r}")
@@ -218,11 +221,19 @@ def load_spec(path: str | Path) -> StudySpec:
     if not is_integer(spec.report_every) or spec.report_every < 1:
         fail(f"[pruner] report_every must be a positive integer, got {spec.report_every!r}")
     spec.pruner_args = pruner
-    if spec.objective == "steps_vs_train_frac":
-        if spec.pruner != "none":
-            fail("multi-objective studies cannot prune (Optuna does not support it): set [pruner] name = \"none\"")
-        if "train_frac" not in search:
-            fail("objective steps_vs_train_frac needs train_frac in [search]")
+    target = spec.target
+    if not target.can_prune and spec.pruner != "none":
+        fail(f"objective {target.name} cannot prune (Optuna does not prune multi-objective trials): "
+             "set [pruner] name = \"none\"")
+    for needed in target.needs_search:
+        if needed not in search:
+            fail(f"objective {target.name} needs {needed} in [search]")
+    if spec.seeds > 1 and {"seed", "data_seed"} & set(search):
+        fail("[study] seeds trains every trial with its own seeds: do not also search seed or data_seed")
+    if "comprehension_delay" in phases:
+        spec.comprehension_delay = phases["comprehension_delay"]
+        if not is_integer(spec.comprehension_delay) or spec.comprehension_delay < 0:
+            fail(f"[phases] comprehension_delay must be a non-negative integer (steps), got {spec.comprehension_delay!r}")
     if spec.sampler != "grid":
         with_values = [p.name for p in spec.params if p.values is not None]
         if with_values:

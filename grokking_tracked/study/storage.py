@@ -99,6 +99,36 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
 
+ROOM_POLL_SECONDS = 1.0
+
+
+def room_for_trials(study: optuna.Study, n_trials: int, deadline: float | None = None) -> int:
+    """How many more trials this worker may start so that ``n_trials`` finish (COMPLETE or PRUNED) across workers
+    and invocations: ``n_trials - finished - running``. While the trials running elsewhere would make up the rest,
+    wait (polling the storage, sweeping stale trials) until they end: one that fails leaves room again; once
+    ``n_trials`` have finished, 0. A FAILed trial does not count (it is retried or replaced). ``deadline``: a
+    ``time.monotonic()`` after which the wait gives up (0)."""
+    while True:
+        finished = count_finished(study)
+        if finished >= n_trials:
+            return 0
+        room = n_trials - finished - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if room > 0:
+            return room
+        if deadline is not None and time.monotonic() >= deadline:
+            return 0
+        time.sleep(ROOM_POLL_SECONDS)
+        sweep_stale_trials(study)
+
+
+def is_surplus(study: optuna.Study, trial_number: int, n_trials: int) -> bool:
+    """True if the trial just asked would exceed ``n_trials``: the finished trials and the running ones asked
+    before it (lower numbers) make ``n_trials`` already. Workers that asked at the same moment agree on which
+    trials are surplus, since the storage numbers trials in order."""
+    earlier = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number < trial_number]
+    return count_finished(study) + len(earlier) >= n_trials
+
+
 def sweep_stale_trials(study: optuna.Study) -> None:
     """Fail (and so retry) the trials whose worker stopped beating, now."""
     with warnings.catch_warnings():

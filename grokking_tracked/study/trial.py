@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import os
 import socket
+import statistics
 import time
 from dataclasses import dataclass
 
 import optuna
 from mlflow import MlflowClient
 
+from .. import learning_phases
 from ..config import Config
 from ..train import Callback, Trainer, TrainingStopped, TrainResult
 from ..tracking.experiment import system_metrics
@@ -25,8 +27,9 @@ from ..tracking.store import get_run
 from ..tracking.drawer import FigureDrawer
 from ..tracking.tracker import MlflowTracker
 from .dashboard import DashboardNotes, link_trial_run
+from .objectives import Outcome, median_value
 from .spec import StudySpec
-from .storage import retried_trial_number
+from .storage import is_surplus, retried_trial_number
 
 # Tags of a trial's run (the keys optuna-integration's MLflowCallback uses where it has one).
 STUDY_NAME_TAG = "optuna.study_name"
@@ -37,11 +40,16 @@ PRUNED_STEP_TAG = "optuna.pruned_step"
 VALUE_TAG = "optuna.value"
 GENERALIZED_TAG = "optuna.generalized"
 FAIL_REASON_TAG = "optuna.fail_reason"
+PHASE_TAG = "grokking_tracked.phase"  # Liu et al.'s learning phase (learning_phases.py)
+SEEDS_TAG = "grokking_tracked.seeds"  # a seeded trial's run: how many seed runs are nested under it
+SEED_INDEX_TAG = "grokking_tracked.seed_index"
 TRIAL_ROLE = "trial"
+TRIAL_SEED_ROLE = "trial_seed"  # one seed of a seeded trial: a child run of the trial's run
 # The trial's user attributes in Optuna (what links a trial to its run, and what the objective measured).
 RUN_ID_ATTR = "mlflow_run_id"
 WORKER_ATTR = "worker"
 FAIL_REASON_ATTR = "fail_reason"
+PHASE_ATTR = "phase"
 # Optuna trial state -> MLflow run status
 RUNNING, COMPLETE, PRUNED, FAIL = "RUNNING", "COMPLETE", "PRUNED", "FAIL"
 
@@ -64,6 +72,7 @@ class StudyContext:
     drawer: FigureDrawer | None = None  # the worker's figure process
     notes: DashboardNotes | None = None  # writes the trials' dashboard notes (default: in this process)
     system_metrics: bool = False  # MLflow's system-metrics sampler on each trial's run
+    n_trials: int | None = None  # --n-trials: a trial asked beyond it ends at once (SurplusTrial)
 
 
 class TrialRun:
@@ -96,11 +105,13 @@ class TrialRun:
         self.run.set_tags({TRIAL_STATE_TAG: state, **tags})
         self.run.end(status, background=background)
 
-    def complete(self, value, result: TrainResult) -> None:
+    def complete(self, value, result: TrainResult | bool, tags: dict[str, str] | None = None) -> None:
         """COMPLETE once the run's data is delivered; its figures (drawn elsewhere) and FINISHED follow in the
-        background, so the worker's next trial trains meanwhile."""
+        background, so the worker's next trial trains meanwhile. ``result``: the training's, or (a seeded trial)
+        whether any seed generalized."""
+        generalized = result if isinstance(result, bool) else result.grokked
         self._end(COMPLETE, FINISHED, background=True,
-                  **{VALUE_TAG: str(value), GENERALIZED_TAG: str(result.grokked).lower()})
+                  **{VALUE_TAG: str(value), GENERALIZED_TAG: str(generalized).lower(), **(tags or {})})
 
     def prune(self, step: int | None) -> None:
         self._end(PRUNED, KILLED, **{PRUNED_STEP_TAG: str(step)})
@@ -150,8 +161,9 @@ class PruningCallback(Callback):
     """Reports the pruning metric to Optuna and stops training when the pruner says so; also times
     generalization for the ``seconds`` objective."""
 
-    def __init__(self, trial: optuna.Trial, spec: StudySpec):
+    def __init__(self, trial: optuna.Trial, spec: StudySpec, report: bool = True):
         self.trial, self.spec = trial, spec
+        self.report = report  # False: only time generalization (a seeded trial's later seeds)
         self.started = 0.0
         self.seconds_to_generalize: float | None = None
         self.pruned_at: int | None = None
@@ -162,7 +174,7 @@ class PruningCallback(Callback):
     def on_eval(self, run, step: int, metrics: dict, events: list[dict]) -> None:
         if any(e["event"] == "generalization" for e in events) and self.seconds_to_generalize is None:
             self.seconds_to_generalize = time.perf_counter() - self.started
-        if self.spec.pruner == "none" or step == 0 or step % self.spec.report_every:
+        if not self.report or self.spec.pruner == "none" or step == 0 or step % self.spec.report_every:
             return
         if run.detector.step_of("generalization") is not None:
             return  # already generalized: never prune a success during its stop margin
@@ -180,21 +192,43 @@ def trial_config(spec: StudySpec, trial: optuna.Trial) -> Config:
     return spec.base_config().replace(**{p.name: p.suggest(trial) for p in spec.params})
 
 
+def comprehension_delay(spec: StudySpec, config: Config) -> int:
+    if spec.comprehension_delay is not None:
+        return spec.comprehension_delay
+    return learning_phases.default_comprehension_delay(config.max_steps)
+
+
+def phase_of(spec: StudySpec, config: Config, result: TrainResult) -> str:
+    return learning_phases.classify(result.events, comprehension_delay(spec, config))
+
+
 def trial_value(trial: optuna.Trial, spec: StudySpec, config: Config, result: TrainResult,
                 seconds_to_generalize: float | None):
-    """The objective value of a finished training (penalty if it did not generalize); records user attrs."""
+    """The objective value of a finished training (the registered objective's score: see objectives.py); records
+    what it measured as user attrs, its learning phase included."""
     gen = result.step_of("generalization")
     events = [{"event": e["event"], "step": e["step"]} for e in result.events]
     for key, value in (("generalized", gen is not None), ("generalization_step", gen), ("events", events),
                        ("memorization_step", result.step_of("memorization")), ("final_step", result.final_step),
-                       ("train_seconds", round(result.train_seconds, 3))):
+                       ("train_seconds", round(result.train_seconds, 3)),
+                       ("grokking_delay", learning_phases.grokking_delay(result.events)),
+                       (PHASE_ATTR, phase_of(spec, config, result))):
         trial.set_user_attr(key, value)
-    steps = float(gen) if gen is not None else spec.penalty(config)
-    if spec.objective == "seconds":
-        return seconds_to_generalize if gen is not None else spec.penalty_factor * result.train_seconds
-    if spec.objective == "steps_vs_train_frac":
-        return (steps, config.train_frac)
-    return steps
+    return spec.target.score(Outcome(result, config, spec.penalty_factor, seconds_to_generalize))
+
+
+def seed_configs(config: Config, seeds: int) -> list[Config]:
+    """The configs of a seeded trial: model and data seeds offset together, seed k = (seed + k, data_seed + k)."""
+    return [config.replace(seed=config.seed + k, data_seed=config.data_seed + k) for k in range(seeds)]
+
+
+class SurplusTrial(RuntimeError):
+    """A trial asked while the finished and earlier running trials already make --n-trials (workers asked at the
+    same moment): it trains nothing, opens no run, and ends FAIL with this reason; its worker stops."""
+
+
+class SeedFailed(RuntimeError):
+    """One seed of a seeded trial failed: the trial fails (a median over fewer seeds is another estimate)."""
 
 
 class Objective:
@@ -205,7 +239,13 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial):
         context = self.context
+        if context.n_trials is not None and is_surplus(trial.study, trial.number, context.n_trials):
+            trial.set_user_attr(FAIL_REASON_ATTR, f"surplus: {context.n_trials} trials finished or running")
+            trial.study.stop()
+            raise SurplusTrial(f"surplus trial: {context.n_trials} trials already finished or running")
         config = trial_config(context.spec, trial)
+        if context.spec.seeds > 1:
+            return self.seeded(trial, config)
         pruning = PruningCallback(trial, context.spec)
         with TrialRun.open(context, trial, config) as trial_run:
             trainer = Trainer(config, [MlflowTracker(trial_run.run, drawer=context.drawer), pruning], progress=context.progress,
@@ -220,5 +260,76 @@ class Objective:
                 trial_run.fail(exc)
                 raise KeyboardInterrupt() from exc
             value = trial_value(trial, context.spec, config, result, pruning.seconds_to_generalize)
-            trial_run.complete(value, result)
+            trial_run.complete(value, result, {PHASE_TAG: phase_of(context.spec, config, result)})
         return value
+
+    def train_seed(self, config: Config, run: TrackedRun, pruning: PruningCallback) -> TrainResult:
+        """One seed's training, into its own run."""
+        return Trainer(config, [run.tracker(drawer=self.context.drawer), pruning], progress=self.context.progress,
+                       threads=self.context.threads).train()
+
+    def seeded(self, trial: optuna.Trial, config: Config):
+        """``[study] seeds = N``: the configuration trained with N seeds, one after another, each into a child run of
+        the trial's run (its curves are its own run's; the trial's run holds the spread). The pruner sees the first
+        seed only: pruned there, the trial is pruned and the other seeds are not trained. A seed that fails fails
+        the trial (SeedFailed), its run FAILED; the seeds before it stay FINISHED."""
+        context, spec = self.context, self.context.spec
+        values, phases, results = [], [], []
+        with TrialRun.open(context, trial, config) as trial_run:
+            trial_run.run.set_tags({SEEDS_TAG: str(spec.seeds)})
+            for index, seed_config in enumerate(seed_configs(config, spec.seeds)):
+                pruning = PruningCallback(trial, spec, report=index == 0)
+                child = TrackedRun.create_for_config(
+                    context.client, seed_config, context.experiment,
+                    run_name=f"{context.study_name} #{trial.number} seed {seed_config.seed}",
+                    tags={STUDY_NAME_TAG: context.study_name, TRIAL_NUMBER_TAG: str(trial.number),
+                          ROLE_TAG: TRIAL_SEED_ROLE, SEED_INDEX_TAG: str(index)},
+                    parent_run_id=trial_run.run.run_id)
+                try:
+                    result = self.train_seed(seed_config, child, pruning)
+                except TrialPrunedStop as stop:
+                    child.end(KILLED)
+                    trial_run.prune(pruning.pruned_at)
+                    raise optuna.TrialPruned(str(stop)) from None
+                except SystemExit as exc:
+                    child.end(KILLED)
+                    trial_run.fail(exc)
+                    raise KeyboardInterrupt() from exc
+                except Exception as error:
+                    child.end(status_for(error))
+                    raise SeedFailed(f"seed {index} (seed={seed_config.seed}, data_seed={seed_config.data_seed}) "
+                                     f"failed: {type(error).__name__}: {error}") from error
+                phase = phase_of(spec, seed_config, result)
+                child.set_tags({PHASE_TAG: phase})
+                child.end(FINISHED, background=True)
+                values.append(spec.target.score(Outcome(result, seed_config, spec.penalty_factor,
+                                                        pruning.seconds_to_generalize)))
+                phases.append(phase)
+                results.append(result)
+            value = median_value(values)
+            record_seeds(trial, trial_run.run, spec, values, phases, results)
+            trial_run.complete(value, any(r.grokked for r in results), {PHASE_TAG: trial.user_attrs[PHASE_ATTR]})
+        return value
+
+
+def record_seeds(trial: optuna.Trial, run: TrackedRun, spec: StudySpec, values: list, phases: list[str],
+                 results: list[TrainResult]) -> None:
+    """A seeded trial's spread: user attrs (per seed, and median/min/max) and the same as metrics of its run."""
+    first = [v[0] if isinstance(v, tuple) else v for v in values]
+    gens = [r.step_of("generalization") for r in results]
+    delays = [learning_phases.grokking_delay(r.events) for r in results]
+    phase = max(set(phases), key=lambda p: (phases.count(p), -phases.index(p)))  # the commonest (first on ties)
+    attrs = {"seed_values": first, "seed_generalization_steps": gens, "seed_grokking_delays": delays,
+             "seed_events": [[{"event": e["event"], "step": e["step"]} for e in r.events] for r in results],
+             "seed_phases": phases, "value_min": min(first), "value_max": max(first),
+             "value_median": statistics.median(first), "seeds_generalized": sum(g is not None for g in gens),
+             PHASE_ATTR: phase, "generalized": any(g is not None for g in gens),
+             "final_step": max(r.final_step for r in results),
+             "train_seconds": round(sum(r.train_seconds for r in results), 3)}
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    metrics = {"objective_median": attrs["value_median"], "objective_min": attrs["value_min"],
+               "objective_max": attrs["value_max"], "seeds_generalized": attrs["seeds_generalized"]}
+    for index, value in enumerate(first):
+        metrics[f"objective_seed_{index}"] = value
+    run.log_values(metrics, 0)

@@ -31,8 +31,8 @@ from .dashboard import DashboardNotes, annotate_study, run_page_url, ui_base
 from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec
-from .storage import (FINISHED_STATES, count_finished, create_or_load_study, default_storage, load_study,
-                      open_storage, sweep_stale_trials)
+from .storage import (count_finished, create_or_load_study, default_storage, load_study,
+                      open_storage, room_for_trials, sweep_stale_trials)
 from .trial import STUDY_NAME_TAG, Objective, StudyContext, close_stale_trial_run
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's parent run, found again by every worker
@@ -79,6 +79,19 @@ class FailureGuard:
             study.stop()
 
 
+class StopAtNTrials:
+    """Optuna's ``MaxTrialsCallback`` counts finished trials only, so two workers that each start a trial at N - 1
+    finish N + 1. This callback also counts the trials running elsewhere: while they would make up N it waits for
+    them (``room_for_trials``), then stops the worker once N have finished, or lets it go on if one failed."""
+
+    def __init__(self, n_trials: int, deadline: float | None):
+        self.n_trials, self.deadline = n_trials, deadline
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if room_for_trials(study, self.n_trials, self.deadline) == 0:
+            study.stop()
+
+
 class TrialLine:
     """One line per finished trial (number, value or state, MLflow run), instead of Optuna's log lines."""
 
@@ -108,18 +121,18 @@ def optimize(settings: StudySettings, client=None, echo=print, drawer: FigureDra
             client, trial, "heartbeat stale: its worker stopped"))
         study = load_study(spec, storage, settings.study_name, salt=settings.sampler_salt)
         sweep_stale_trials(study)
-        if count_finished(study) >= settings.n_trials:
+        deadline = time.monotonic() + settings.timeout if settings.timeout else None
+        if room_for_trials(study, settings.n_trials, deadline) == 0:
             return
         context = StudyContext(spec, settings.study_name, settings.experiment, settings.parent_run_id, client,
                                progress=settings.progress, threads=settings.threads, drawer=drawer,
                                notes=DashboardNotes(settings.storage, settings.study_name, side=drawer),
-                               system_metrics=settings.system_metrics)
+                               system_metrics=settings.system_metrics, n_trials=settings.n_trials)
         if settings.lockstep > 1:
             optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
             return
         study.optimize(Objective(context), timeout=settings.timeout, catch=(Exception,),
-                       callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED_STATES), guard,
-                                  TrialLine(echo)])
+                       callbacks=[guard, TrialLine(echo), StopAtNTrials(settings.n_trials, deadline)])
     finally:  # the last trials' figures and final status, still on their way; the figure process in every case
         if own_drawer:
             finish_background(drawer)
@@ -234,6 +247,8 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
     if lockstep < 1:
         raise StudyError(f"--lockstep must be >= 1 (trials trained together; 1 = one at a time), got {lockstep}")
     if lockstep > 1:
+        if spec.seeds > 1:
+            raise StudyError("[study] seeds trains a trial's seeds one after another: not with --lockstep")
         check_lockstep_spec(spec)
         if system_metrics:
             raise StudyError("--system-metrics samples one process per run: not with --lockstep (K runs, one process)")

@@ -1,0 +1,59 @@
+"""``--n-trials N`` means N finished trials (COMPLETE or PRUNED) across workers and invocations: with 2 workers
+a worker does not start a trial while the trials running elsewhere would make up N, and a trial asked at the
+same moment beyond N (``SurplusTrial``) trains nothing and ends FAIL with that reason."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from conftest import run_cli
+
+optuna = pytest.importorskip("optuna")
+from optuna.trial import TrialState  # noqa: E402
+
+SPEC = """
+[study]
+name = "n_trials"
+experiment = "n-trials"
+n_trials = 10
+[task]
+p = 23
+d_model = 32
+d_mlp = 64
+max_steps = 60
+eval_every = 10
+checkpoint_every = 0
+stop_margin = 0
+[search]
+lr = { type = "float", low = 1e-3, high = 3e-2, log = true }
+[sampler]
+name = "random"
+seed = 3
+[pruner]
+name = "none"
+"""
+
+
+def trials(tmp_path):
+    return optuna.load_study(study_name="n_trials", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db").get_trials()
+
+
+def test_two_workers_finish_exactly_n_trials_and_a_second_invocation_adds_none(tmp_path):
+    (tmp_path / "spec.toml").write_text(SPEC)
+    env = {"GROKKING_TORCH_THREADS": "1"}
+    done = run_cli("study", "spec.toml", "--workers", "2", "--n-trials", "3", "--no-progress", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 workers started" in done.stdout + done.stderr
+    first = trials(tmp_path)
+    finished = [t for t in first if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3, [(t.number, t.state) for t in first]
+    others = [t for t in first if t not in finished]  # only surplus trials, which trained nothing
+    assert all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"].startswith("surplus") and
+               "mlflow_run_id" not in t.user_attrs for t in others)
+    again = run_cli("study", "spec.toml", "--workers", "2", "--n-trials", "3", "--no-progress", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "3/3 trials finished" in again.stdout + again.stderr and len(trials(tmp_path)) == len(first)
+    with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db") as db:  # no MLflow run left RUNNING
+        assert db.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0] == 0
