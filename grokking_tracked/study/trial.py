@@ -265,7 +265,7 @@ class Objective:
 
     def train_seed(self, config: Config, run: TrackedRun, pruning: PruningCallback) -> TrainResult:
         """One seed's training, into its own run."""
-        return Trainer(config, [run.tracker(drawer=self.context.drawer), pruning], progress=self.context.progress,
+        return Trainer(config, [MlflowTracker(run, drawer=self.context.drawer), pruning], progress=self.context.progress,
                        threads=self.context.threads).train()
 
     def seeded(self, trial: optuna.Trial, config: Config):
