@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def test_config_group_ignores_seeds_and_runtime_but_not_the_experiment():
     assert config_group(base.replace(lr=3e-3)) != name
     assert config_group(base.replace(grokfast_lambda=2.0)) != name  # outside the readable prefix: the digest says
     assert config_group(base.replace(eval_every=20)) != name  # where events can be detected
+    assert f"`{name}`" in (Path(__file__).resolve().parents[1] / "README.md").read_text()  # the README's example
 
 
 def history(values: dict[int, float], metric: str = "test_acc") -> list[tuple[int, dict]]:
