@@ -218,7 +218,8 @@ def analyze(run_id: str, output: str | None, progress: bool, tracking_uri: str |
 @click.option("--band", type=click.Choice(["iqr", "minmax"]), default="iqr", show_default=True,
               help="With --group-by: the band around the median (interquartile range, or min-max).")
 @click.option("--output", type=click.Path(dir_okay=False), default="comparison.png", show_default=True)
-@click.option("--log-to", metavar="RUN_ID", default=None, help="Also log the figure to this run (comparisons/).")
+@click.option("--log-to", metavar="RUN_ID", default=None,
+              help="Also log the figure (and the table) to this run (comparisons/).")
 @tracking_uri_option
 def compare(run_ids: tuple[str, ...], experiment: str | None, group_by: str | None, band: str, output: str,
             log_to: str | None, tracking_uri: str | None) -> None:

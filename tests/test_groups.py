@@ -109,10 +109,12 @@ def test_every_training_run_is_tagged_with_its_config_group(mlflow_server, group
 def test_compare_group_by_draws_and_tabulates_each_group(mlflow_server, grouped_runs, tmp_path):
     tiny, runs, old = grouped_runs
     result = run_cli("compare", "--experiment", "groups", "--output", "groups.png", "--group-by",
-                     "--tracking-uri", mlflow_server, cwd=tmp_path)
+                     "--log-to", runs[0], "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "groups.png").read_bytes().startswith(b"\x89PNG")
     client = MlflowClient(mlflow_server)
+    assert {a.path for a in client.list_artifacts(runs[0], "comparisons")} == {
+        "comparisons/groups.png", "comparisons/groups.csv"}
     reached = {}  # what events.json says, per group
     for run_id in runs:
         group = client.get_run(run_id).data.tags[CONFIG_GROUP_TAG]
