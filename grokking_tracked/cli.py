@@ -261,16 +261,36 @@ def analyze(run_id: str, output: str | None, progress: bool, tracking_uri: str |
 
 
 @cli.command()
-@click.argument("run_ids", nargs=-1, required=True)
+@click.argument("run_ids", nargs=-1)
+@click.option("--experiment", default=None, help="Also every training run of this MLflow experiment.")
+@click.option("--group-by", is_flag=False, flag_value="grokking_tracked.config_group", default=None, metavar="KEY",
+              help="Group the runs by this tag or param (tags.NAME / params.NAME to say which; given alone: "
+                   "grokking_tracked.config_group, the config without its seeds) and draw each group's median with "
+                   "a band, plus a table of its event steps (OUTPUT with .csv). Put it after the run ids.")
+@click.option("--band", type=click.Choice(["iqr", "minmax"]), default="iqr", show_default=True,
+              help="With --group-by: the band around the median (interquartile range, or min-max).")
 @click.option("--output", type=click.Path(dir_okay=False), default="comparison.png", show_default=True)
-@click.option("--log-to", metavar="RUN_ID", default=None, help="Also log the figure to this run (comparisons/).")
+@click.option("--log-to", metavar="RUN_ID", default=None,
+              help="Also log the figure (and the table) to this run (comparisons/).")
 @tracking_uri_option
-def compare(run_ids: tuple[str, ...], output: str, log_to: str | None, tracking_uri: str | None) -> None:
-    """Draw learning curves and progress measures of several runs on shared axes."""
+def compare(run_ids: tuple[str, ...], experiment: str | None, group_by: str | None, band: str, output: str,
+            log_to: str | None, tracking_uri: str | None) -> None:
+    """Draw learning curves and progress measures of several runs on shared axes, or (--group-by) each group's
+    median curve with a band and its event steps."""
+    if not run_ids and experiment is None:
+        raise UserError("give run ids, or --experiment NAME")
     configure_process()
-    from .tracking import compare_runs
+    if group_by is None:
+        from .tracking import compare_runs
 
-    click.echo(f"wrote {compare_runs(list(run_ids), output, tracking_uri, log_to=log_to)}")
+        click.echo(f"wrote {compare_runs(list(run_ids), output, tracking_uri, log_to=log_to, experiment=experiment)}")
+        return
+    from .tracking.reanalysis import compare_groups
+
+    figure, table_path, table = compare_groups(list(run_ids), output, tracking_uri, experiment=experiment,
+                                               group_by=group_by, band=band, log_to=log_to)
+    click.echo(table.to_string(index=False, na_rep="-"))
+    click.echo(f"wrote {figure} and {table_path}")
 
 
 @cli.command()

@@ -220,3 +220,45 @@ def save_run_figures(directory: str | Path, history: Sequence[tuple[int, dict]],
     return [save_figure(figure, directory / f"{name}.png") for name, figure in (
         ("learning_curves", learning_curves(history, events, title)), ("norms", norm_curves(history, events)),
         ("attention", attention_figure(grid)))]
+
+
+METRIC_LABELS = {"test_acc": "test accuracy", "train_acc": "train accuracy", "test_loss": "test loss",
+                 "train_loss": "train loss"}
+
+
+@styled
+def grouped_curves(groups: dict[str, list[list[tuple[int, dict]]]], metrics=("test_acc",), band="iqr") -> Figure:
+    """Per group (name -> its runs' histories), the median of each metric with its band (``iqr`` or ``minmax``,
+    ``groups.aggregate``) on shared axes, one panel per metric; steps on a log axis (step 0 left off), losses too."""
+    from .groups import BAND_LABELS, aggregate
+
+    fig, axes = new_figure(1, len(metrics), figsize=(6.2 * len(metrics), 4.4))
+    palette = dict(zip(groups, colors(len(groups))))
+    for ax, metric in zip(axes[0], metrics):
+        is_loss = metric.endswith("_loss")
+        for name, histories in groups.items():
+            curve = aggregate(histories, metric, band)
+            keep = (curve.steps > 0) & ((curve.low > 0) if is_loss else True)
+            steps = curve.steps[keep]
+            ax.fill_between(steps, curve.low[keep], curve.high[keep], color=palette[name], alpha=0.22, linewidth=0)
+            ax.plot(steps, curve.median[keep], color=palette[name], label=f"{name} (n={len(histories)})")
+        ax.set_xscale("log")
+        if is_loss:
+            ax.set_yscale("log")
+        log_ticks(ax.xaxis)
+        ax.set(xlabel="optimizer step (log)", ylabel=METRIC_LABELS.get(metric, metric),
+               title=f"{METRIC_LABELS.get(metric, metric)}: median, band {BAND_LABELS[band]}")
+        if not is_loss and metric.endswith("_acc"):
+            ax.set_ylim(-0.02, 1.02)
+    axes[0][0].legend(loc="best")
+    return fig
+
+
+def event_step_table(groups: dict[str, list[list[dict]]]):
+    """Per group (name -> its runs' events lists) and event: median, min and max step over the runs that reached
+    it, ``reached`` of ``runs`` (``groups.event_step_rows``) as a pandas DataFrame."""
+    import pandas as pd
+
+    from .groups import event_step_rows
+
+    return pd.DataFrame(event_step_rows(groups), columns=["group", "event", "median", "min", "max", "reached", "runs"])

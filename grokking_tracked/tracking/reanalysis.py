@@ -108,12 +108,14 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path
 
 
 def compare_runs(run_ids: list[str], output: str | Path, tracking_uri: str | None = None,
-                 log_to: str | None = None) -> Path:
-    """Learning curves (and progress measures, where a run has been analysed) of several runs on shared axes."""
+                 log_to: str | None = None, experiment: str | None = None) -> Path:
+    """Learning curves (and progress measures, where a run has been analysed) of several runs on shared axes
+    (the given runs, then every training run of ``experiment``)."""
     from ..analysis import compare_figure
 
     client = connect(tracking_uri)
     destination = RunArtifacts(client, log_to) if log_to else None  # an unknown run fails before any work
+    run_ids = select_runs(client, run_ids, experiment)
     histories, progress = {}, {}
     with tempfile.TemporaryDirectory(prefix="grokking-compare-") as scratch:
         for run_id in run_ids:
@@ -129,3 +131,76 @@ def compare_runs(run_ids: list[str], output: str | Path, tracking_uri: str | Non
     if destination is not None:
         destination.repository.log_artifact(str(figure), "comparisons")
     return figure
+
+
+def select_runs(client, run_ids: list[str], experiment: str | None) -> list[str]:
+    """The given runs, then every training run of ``experiment`` (not a study's parent run; not one still
+    RUNNING, whose curves are partial), oldest first, without repeats."""
+    from mlflow.entities import ViewType
+
+    from .runs import ROLE_TAG
+
+    selected = list(dict.fromkeys(run_ids))
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise TrackingError(f"no experiment named {experiment!r} at {client.tracking_uri}")
+        runs, token = [], None
+        while True:
+            page = client.search_runs([found.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                      order_by=["attributes.start_time ASC"], page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                break
+        selected += [run.info.run_id for run in runs if run.data.tags.get(ROLE_TAG) != "study"
+                     and run.info.status != "RUNNING" and run.info.run_id not in selected]
+    if not selected:
+        raise TrackingError("no runs to compare: give run ids or an --experiment that has runs")
+    return selected
+
+
+def group_value(artifacts: RunArtifacts, key: str, scratch: Path) -> str | None:
+    """The run's value of ``key``: a tag, else a param (``tags.NAME`` / ``params.NAME`` say which). A run from
+    before the config-group tag existed gets it computed from its config.json."""
+    from ..groups import CONFIG_GROUP_TAG, config_group
+
+    data = artifacts.run.data
+    kind, _, name = key.partition(".") if key.startswith(("tags.", "params.")) else ("", "", key)
+    value = (data.tags.get(name) if kind != "params" else None) or (data.params.get(name) if kind != "tags" else None)
+    if value is None and name == CONFIG_GROUP_TAG:
+        value = config_group(artifacts.config(scratch))
+    return value
+
+
+def compare_groups(run_ids: list[str], output: str | Path, tracking_uri: str | None = None,
+                   experiment: str | None = None, group_by: str | None = None, band: str = "iqr",
+                   log_to: str | None = None, metrics=("test_acc", "test_loss")):
+    """Runs grouped by a tag or param (default: the config-group tag, a configuration without its seeds): per group
+    the median curve with its band, and the table of event steps. Writes ``output`` (PNG) and the table beside it
+    (``.csv``); returns (figure path, table path, table)."""
+    from ..figures import event_step_table, grouped_curves, save_figure
+    from ..groups import CONFIG_GROUP_TAG
+
+    key = group_by or CONFIG_GROUP_TAG
+    client = connect(tracking_uri)
+    destination = RunArtifacts(client, log_to) if log_to else None  # an unknown run fails before any work
+    histories: dict[str, list] = {}
+    events: dict[str, list] = {}
+    with tempfile.TemporaryDirectory(prefix="grokking-compare-") as scratch:
+        for run_id in select_runs(client, run_ids, experiment):
+            artifacts = RunArtifacts(client, run_id)
+            value = group_value(artifacts, key, Path(scratch) / run_id)
+            group = f"{key} unset" if value is None else value
+            histories.setdefault(group, []).append(fetch_history(client, run_id))
+            events.setdefault(group, []).append(artifacts.events(Path(scratch) / run_id))
+    if set(histories) == {f"{key} unset"}:
+        raise TrackingError(f"no selected run has a tag or param {key!r}")
+    figure_path = save_figure(grouped_curves(histories, metrics, band), output)
+    table = event_step_table(events)
+    table_path = Path(output).with_suffix(".csv")
+    table.to_csv(table_path, index=False)
+    if destination is not None:
+        destination.repository.log_artifact(str(figure_path), "comparisons")
+        destination.repository.log_artifact(str(table_path), "comparisons")
+    return figure_path, table_path, table

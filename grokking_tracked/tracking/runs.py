@@ -228,8 +228,10 @@ class TrackedRun:
         """A training run: the config as params and ``config.json``, an empty ``events.json``, the split as
         dataset inputs; named after its task and hyperparameters unless ``run_name`` says otherwise."""
         from ..data import make_dataset
+        from ..groups import CONFIG_GROUP_TAG, config_group
 
-        tags = {TASK_TAG: f"{config.operation} mod {config.p}", **(tags or {})}
+        # the config without its seeds: the runs view's "Group by" this tag aggregates a configuration's seeds
+        tags = {TASK_TAG: f"{config.operation} mod {config.p}", CONFIG_GROUP_TAG: config_group(config), **(tags or {})}
         run = cls.create(client, experiment, run_name=run_name or default_run_name(config, tags.get(PRESET_TAG)),
                          tags=tags, params=config_params(config),
                          artifacts={CONFIG_ARTIFACT: config.to_dict(), EVENTS_ARTIFACT: []},

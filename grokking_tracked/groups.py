@@ -1,0 +1,111 @@
+"""Runs of one configuration that differ only by their seeds: the name of their group, and the numbers a grouped
+comparison draws (median and band of a metric over the group's runs, the event steps per group).
+
+Pure: the standard library and numpy. ``figures.grouped_curves`` / ``figures.event_step_table`` draw and tabulate
+these; ``tracking.reanalysis.compare_groups`` fetches the runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Config
+
+CONFIG_GROUP_TAG = "grokking_tracked.config_group"
+# A configuration's seeds: model initialisation and the train/test split. Runs differing only here are one group.
+SEED_FIELDS = ("seed", "data_seed")
+# Fields that say where a run trains and when it stops watching, not what it trains: the curves of two runs that
+# differ only here agree wherever both were trained (a run resumed with a larger --max-steps stays in its group).
+# eval_every stays in: it sets the steps at which events can be detected, so it changes the event table.
+RUNTIME_FIELDS = ("device", "max_steps", "stop_on_grok", "stop_margin", "stop_after", "checkpoint_every",
+                  "progress_every")
+GROUP_EXCLUDED_FIELDS = SEED_FIELDS + RUNTIME_FIELDS
+BANDS = {"iqr": (25.0, 75.0), "minmax": (0.0, 100.0)}  # percentiles of the band's edges
+BAND_LABELS = {"iqr": "interquartile range", "minmax": "min-max"}
+MAIN_EVENTS = ("memorization", "onset", "generalization")  # always in the table, reached or not
+
+
+def config_group(config: Config) -> str:
+    """``add59-f0.3-lr0.01-wd1-<8 hex>``: a readable prefix (task and the usual knobs) and a digest of every field
+    except ``GROUP_EXCLUDED_FIELDS``, so two configs share the name iff they differ only in seeds and runtime."""
+    values = {k: v for k, v in config.to_dict().items() if k not in GROUP_EXCLUDED_FIELDS}
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    return (f"{config.operation}{config.p}-f{config.train_frac:g}-lr{config.lr:g}-wd{config.weight_decay:g}"
+            f"-{digest}")
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A metric over a group's runs, step by step: the median, the band's edges and how many runs had a value."""
+
+    steps: np.ndarray
+    median: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    n: np.ndarray
+
+
+def aligned(histories: Sequence[Sequence[tuple[int, Mapping]]], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values[run, step]) on the union of the runs' evaluation steps. A run's value at a step is its last
+    evaluation at or before it: a run that stopped early (stop_on_grok stops after generalising) keeps its last
+    value, so the median is not left to the slow runs; before a run's first evaluation it has none (NaN)."""
+    series = []
+    for history in histories:
+        points = sorted((int(step), float(metrics[metric])) for step, metrics in history
+                        if metrics.get(metric) is not None and math.isfinite(metrics[metric]))
+        series.append((np.array([s for s, _ in points], dtype=np.int64), np.array([v for _, v in points])))
+    steps = np.unique(np.concatenate([s for s, _ in series])) if series else np.array([], dtype=np.int64)
+    values = np.full((len(series), len(steps)), np.nan)
+    for row, (run_steps, run_values) in enumerate(series):
+        if len(run_steps):
+            index = np.searchsorted(run_steps, steps, side="right") - 1
+            values[row, index >= 0] = run_values[index[index >= 0]]
+    return steps, values
+
+
+def aggregate(histories: Sequence[Sequence[tuple[int, Mapping]]], metric: str, band: str = "iqr") -> Aggregate:
+    """The group's median of ``metric`` and its band (``iqr``: 25th-75th percentile, ``minmax``), per step."""
+    if band not in BANDS:
+        raise ValueError(f"unknown band {band!r}; choose one of {', '.join(BANDS)}")
+    steps, values = aligned(histories, metric)
+    present = ~np.isnan(values)
+    keep = present.any(axis=0)
+    steps, values = steps[keep], values[:, keep]
+    if not len(steps):
+        empty = np.array([])
+        return Aggregate(steps, empty, empty, empty, np.array([], dtype=int))
+    low, median, high = np.nanpercentile(values, [BANDS[band][0], 50.0, BANDS[band][1]], axis=0)
+    return Aggregate(steps, median, low, high, (~np.isnan(values)).sum(axis=0))
+
+
+def event_steps(events: Sequence[Mapping] | None) -> dict[str, int]:
+    """Each event's (first) step in one run's events list (``events.json``); None (no list) reached nothing."""
+    steps: dict[str, int] = {}
+    for event in events or ():
+        name, step = event.get("event"), event.get("step")
+        if isinstance(name, str) and isinstance(step, (int, float)) and name not in steps:
+            steps[name] = int(step)
+    return steps
+
+
+def event_step_rows(groups: Mapping[str, Sequence[Sequence[Mapping] | None]]) -> list[dict]:
+    """Per group and event: the median, min and max step over the runs that reached it, how many did (``reached``)
+    and of how many (``runs``). The main events always have a row (a group none of whose runs generalised shows
+    ``reached`` 0 and no steps); other events appear where some run of any group reached them."""
+    per_run = {name: [event_steps(events) for events in runs] for name, runs in groups.items()}
+    others = sorted({event for runs in per_run.values() for steps in runs for event in steps} - set(MAIN_EVENTS))
+    rows = []
+    for name, runs in per_run.items():
+        for event in (*MAIN_EVENTS, *others):
+            reached = [steps[event] for steps in runs if event in steps]
+            rows.append({"group": name, "event": event,
+                         "median": float(np.median(reached)) if reached else None,
+                         "min": min(reached) if reached else None, "max": max(reached) if reached else None,
+                         "reached": len(reached), "runs": len(runs)})
+    return rows
