@@ -79,7 +79,7 @@ def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Ca
     report, deadline, blocked = SpoolDelivery(), time.monotonic() + timeout, set()
     for writer, run_id in writer_dirs(Path(directory)):
         if run_id in blocked:
-            report.pending += sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name))
+            report.pending += _entries(writer)
             continue
         try:
             outbox = Outbox(client, run_id, echo=echo, max_backoff=max_backoff, _adopt=writer)
@@ -87,10 +87,11 @@ def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Ca
             report.busy.append(writer)
             blocked.add(run_id)
             continue
-        before = outbox.pending
+        before = _entries(writer)  # (not outbox.pending: entries put back from failed/ leave gaps in the sequence)
         outbox.wait(max(0.0, deadline - time.monotonic()))
-        left, failures = outbox.pending, outbox.failures
+        failures = outbox.failures
         outbox.close()
+        left = _entries(writer)
         report.delivered += before - left - len(failures)
         report.pending += left
         report.failed += failures
@@ -101,6 +102,10 @@ def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Ca
         if left:
             blocked.add(run_id)
     return report
+
+
+def _entries(writer: Path) -> int:
+    return sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name)) if writer.is_dir() else 0
 
 
 def _describe(entry: dict) -> str:
@@ -326,15 +331,19 @@ class Outbox:
                     self._send([entry for _, entry in group])
             except Exception as exc:  # classified below: an outage is retried, a refusal is set aside
                 kind = classify(exc)
-                if kind == SUSPECT and len(group) == 1 and self._server_answers():
+                if kind == SUSPECT and len(group) > 1:
+                    kind = REFUSED  # find the entry MLflow cannot take among the merged ones (below)
+                elif kind == SUSPECT and self._server_answers():  # so the 500 is about this entry
                     seq = group[0][0]
                     refusals = (seq, refusals[1] + 1 if refusals[0] == seq else 1)
                     if refusals[1] >= POISON_TRIES:
                         self._fail(seq, group[0][1], exc, tries=refusals[1])
                         continue
-                elif kind != REFUSED:
-                    self._outage(exc)
-                if kind != REFUSED and not (kind == SUSPECT and len(group) > 1):
+                else:
+                    kind = OUTAGE if kind == SUSPECT else kind
+                if kind != REFUSED:
+                    if kind == OUTAGE:
+                        self._outage(exc)
                     if self._closing.wait(backoff):
                         return
                     backoff = min(backoff * 2, self._max_backoff)
@@ -434,6 +443,10 @@ class Outbox:
                 files.rename(self._dir / files.name)
             write_atomically(self._dir / path.name, json.dumps(entry))
             path.unlink()
+        try:
+            failed.rmdir()  # all put back: a delivered spool is then removed at close()
+        except OSError:
+            pass
 
     def _send(self, entries: list[dict]) -> None:
         entry = entries[0]
