@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from mlflow import MlflowClient
 
 from faultproxy import MLFLOW_500, PROXY_404_PAGE
@@ -85,3 +86,32 @@ def test_sync_leaves_mlflows_final_refusal_aside_and_the_run_failed(mlflow_serve
     assert not report.complete and report.delivered == 0
     assert any("refused earlier are kept" in line for line in report.failed), report
     assert direct.get_run(run_id).info.status == "FAILED"
+
+
+@pytest.mark.slow  # two CLI processes (a tiny training run, then sync): ~30 s unloaded
+def test_run_through_a_proxy_answering_404_to_uploads_never_ends_finished_without_its_checkpoints(
+        mlflow_server, proxy, tmp_path):
+    """The issue's case end to end: `run` behind a proxy that answers 404 (HTML) to every upload. The run waits its
+    delivery wait, exits non-zero and stays RUNNING with its checkpoints in the spool; once the proxy is fixed,
+    `sync` delivers them and the run is FINISHED."""
+    from conftest import run_cli
+
+    proxy.refuse_uploads(404, PROXY_404_PAGE)
+    experiment = f"proxy-404-{tmp_path.name}"
+    env = {"GROKKING_TRACKED_SPOOL": str(tmp_path / "spool"), "GROKKING_TRACKED_DELIVERY_WAIT": "3"}
+    result = run_cli("run", "--p", "11", "--d-model", "16", "--d-mlp", "32", "--max-steps", "60",
+                     "--checkpoint-every", "20", "--no-stop-on-grok", "--no-progress", "--experiment", experiment,
+                     "--tracking-uri", proxy.url, cwd=tmp_path, env=env)
+    assert result.returncode != 0, result.stderr
+    assert "did not take run" in result.stderr and "grokking-tracked sync" in result.stderr, result.stderr
+    direct = MlflowClient(mlflow_server)
+    [run] = direct.search_runs([direct.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "RUNNING" and not direct.list_artifacts(run.info.run_id, "checkpoints")
+
+    proxy.refuse_uploads(None)
+    synced = run_cli("sync", "--tracking-uri", proxy.url, cwd=tmp_path, env=env)
+    assert synced.returncode == 0, synced.stderr
+    run = direct.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    held = {f.path for f in direct.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"checkpoints/step_0000020.pt", "checkpoints/step_0000040.pt", "checkpoints/step_0000060.pt"} <= held, held
