@@ -45,6 +45,14 @@ def test_the_memory_estimate_counts_every_parameter_four_times(config):
     assert config.estimated_memory_bytes() >= 4 * 4 * config.parameter_count  # weights, grads, AdamW's 2 moments
 
 
+def test_a_model_whose_parameters_cannot_fit_is_estimated_by_its_parameters():
+    """d_model 16384, d_mlp 65536: 3.2e9 parameters, 51 GB with gradients and AdamW's moments, while its activations
+    over all p^2 pairs are ~5 GB (the old estimate, activations only, let it start and take 22 GB)."""
+    config = Config(d_model=16384, d_mlp=65536)
+    assert config.parameter_count > 3e9
+    assert config.estimated_memory_bytes() >= 16 * config.parameter_count > 50e9
+
+
 def test_resume_is_refused_while_a_writer_on_another_host_holds_the_lease(tmp_path, capsys, monkeypatch):
     """The other host's writer has its own spool there: ours is empty, so only the lease tag can refuse us."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
