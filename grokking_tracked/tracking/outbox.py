@@ -13,11 +13,11 @@ IntegrityError and inserts only the missing rows; tested against a real server i
 Params of the same value, tags, artifact uploads (PUT) and status updates are idempotent.
 
 Errors (classified in outage.py). What an outage looks like (no connection, reset, timeout, HTTP
-5xx/408/429, any HTTP error that is not MLflow's own JSON answer: a proxy's 404/401/403 page, a locked
+502-599/408/429, any HTTP error that is not MLflow's own JSON answer: a proxy's 404/401/403 page, a locked
 SQLite store) is retried forever with back-off capped at ``max_backoff``: the queue waits, training goes
 on, and the caller's ``wait(timeout)`` bounds how long it waits. MLflow's own refusal (a 4xx such as
 INVALID_PARAMETER_VALUE) or a local error (a missing payload, a value out of range) sets the entry aside at
-once. MLflow's own 500 is either its store being away or a request it can never take (a poison entry): the
+once. A 500 is either the server's store being away or a request it can never take (a poison entry): the
 outbox asks the server for the run; if that works, the entry counts one refusal, and after
 ``POISON_TRIES`` it is set aside. Set aside = moved to ``failed/`` with the error, one line echoed, the
 entries behind it still flow, and ``wait()`` returns False from then on (``failures`` says why).
@@ -52,7 +52,7 @@ from .spool import (ENTRY_NAME, SpoolDelivery, Busy, lock_writer_dir, new_writer
 __all__ = ["Outbox", "OutboxClosed", "SpoolDelivery", "deliver_spool", "spool_root_for", "run_spool_dir"]
 
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
-POISON_TRIES = 4  # MLflow's own 500s to one entry, while it answers for the run, before the entry is set aside
+POISON_TRIES = 4  # 500s to one entry, while the server answers for the run, before the entry is set aside
 FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE",)  # MLflow's refusals that no later attempt can pass
 # log_batch limits of the MLflow REST API (mlflow.utils.validation): consecutive small batches are sent
 # as one request when catching up after an outage (1,000 metrics = ~140 evaluations of 7 metrics).
@@ -233,7 +233,10 @@ class Outbox:
             self._enqueue({"op": "status", "status": status, "end_time": end_time_ms})
         except OSError:  # the spool cannot take it (full disk): end the run directly, never leave it RUNNING
             if RunStatus.is_terminated(RunStatus.from_string(status)):
-                self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status, end_time_ms)
+                try:
+                    self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status, end_time_ms)
+                except Exception:  # noqa: BLE001 - the server away too: the disk error is the one to report
+                    pass
             raise
 
     def _enqueue(self, entry: dict, file_name: str | None = None, fill: Callable[[Path], object] | None = None,
@@ -412,7 +415,7 @@ class Outbox:
             self.client.set_terminated(self.run_id, "FAILED", entry["end_time"])
             self._fail(seq, {**entry, "held": True}, RuntimeError(
                 f"{missing} operations were set aside: ended FAILED, not FINISHED; `grokking-tracked sync` "
-                f"retries them and then marks it FINISHED"), kept=True)
+                f"retries those that may pass, and once all are in marks it FINISHED"), kept=True)
             return False
         if entry.get("held"):  # from an earlier attempt: only if nobody has continued the run since
             info = self.client.get_run(self.run_id).info
