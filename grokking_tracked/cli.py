@@ -366,6 +366,7 @@ def study(spec: str, n_trials: int | None, timeout: float | None, storage: str |
                         echo=lambda line: click.echo(line, err=True))
         return
     study_module.load_spec(spec)  # a bad spec is one line before anything is created
+    check_spool(tracking_uri)
     prepare(tracking_uri)  # an unreachable server fails now; a new store is made while run_study's modules load
     summary = study_module.run_study(spec, n_trials=n_trials, timeout=timeout, storage=storage,
                                      study_name=study_name, tracking_uri=tracking_uri,

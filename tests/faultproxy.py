@@ -11,7 +11,10 @@ Faults, switchable at any moment from the test:
   ``blackout("stall")``: connections are accepted and never answered (the client times out, like a
   network partition); ``restore()`` ends either.
 - ``refuse_uploads(507)``: artifact uploads (``PUT .../mlflow-artifacts/artifacts/...``) are answered
-  with that status, everything else passes (a server whose artifact disk is full).
+  with that status, everything else passes (a server whose artifact disk is full); ``refuse_uploads(404,
+  PROXY_404_PAGE)``: what a reverse proxy answers (HTML) while its backend restarts.
+- ``refuse_requests("/runs/log-batch", b"poison", 500, MLFLOW_500)``: requests whose path and body contain
+  those fragments are answered so, without reaching the server (MLflow failing on one value forever).
 - ``drop_responses("/runs/log-batch", 1)``: the request reaches the server, the answer never reaches the
   client (a request that timed out client-side but landed).
 - ``retarget(url)``: forward to another upstream (a server restarted elsewhere on the same store).
@@ -42,6 +45,8 @@ import requests
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
                "content-length"}
 UPLOAD_PATH = "/mlflow-artifacts/artifacts/"
+PROXY_404_PAGE = b"<html><head><title>404 Not Found</title></head><body><center><h1>404 Not Found</h1></center></body></html>"
+MLFLOW_500 = b'{"error_code": "INTERNAL_ERROR", "message": "(sqlite3.OperationalError) the fault proxy says no"}'
 
 
 class FaultProxy:
@@ -49,6 +54,8 @@ class FaultProxy:
         self.upstream = upstream
         self.mode = "pass"  # "pass", "reset" or "stall"
         self.upload_status: int | None = None
+        self.upload_body = b"refused by the fault proxy"
+        self._refusals: dict[tuple[str, bytes], tuple[int, bytes]] = {}
         self.stats: collections.Counter = collections.Counter()  # what the proxy did, for tests to wait on
         self._drops: dict[str, int] = {}
         self._rewrites: dict[str, object] = {}
@@ -79,9 +86,18 @@ class FaultProxy:
             self.mode = "pass"
         self._restored.set()
 
-    def refuse_uploads(self, status: int | None = 507) -> None:
-        """Answer artifact uploads with ``status`` (None: let them through again)."""
-        self.upload_status = status
+    def refuse_uploads(self, status: int | None = 507, body: bytes = b"refused by the fault proxy") -> None:
+        """Answer artifact uploads with ``status`` and a non-JSON ``body`` (None: let them through again)."""
+        self.upload_status, self.upload_body = status, body
+
+    def refuse_requests(self, path_contains: str, body_contains: bytes, status: int | None, body: bytes = b"") -> None:
+        """Answer requests whose path and body contain these with ``status`` and ``body`` (JSON if it starts
+        with ``{``); None lets them through again."""
+        with self._lock:
+            if status is None:
+                self._refusals.pop((path_contains, body_contains), None)
+            else:
+                self._refusals[(path_contains, body_contains)] = (status, body)
 
     def drop_responses(self, path_contains: str, count: int = 1) -> None:
         with self._lock:
@@ -182,7 +198,15 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if proxy.upload_status and self.command == "PUT" and UPLOAD_PATH in self.path:
             proxy.stats["refused_uploads"] += 1
-            return self._answer(proxy.upload_status, b"refused by the fault proxy", {"Content-Type": "text/plain"})
+            kind = "text/html" if proxy.upload_body.startswith(b"<") else "text/plain"
+            return self._answer(proxy.upload_status, proxy.upload_body, {"Content-Type": kind})
+        with proxy._lock:
+            refusal = next((answer for (path, fragment), answer in proxy._refusals.items()
+                            if path in self.path and fragment in body), None)
+        if refusal is not None:
+            proxy.stats["refused_requests"] += 1
+            kind = "application/json" if refusal[1].startswith(b"{") else "text/html"
+            return self._answer(refusal[0], refusal[1], {"Content-Type": kind})
         target = urlsplit(proxy.upstream)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         try:

@@ -56,13 +56,16 @@ def test_an_imported_earlier_run_is_analysed_and_cannot_be_resumed(tmp_path):
     assert resumed.returncode != 0 and len(lines) == 1 and "was imported from" in lines[0], lines
 
 
-@pytest.mark.parametrize("planted", ["payload", "shape"])
+@pytest.mark.parametrize("planted", ["payload", "shape", "absurd-epoch"])
 def test_an_unusable_import_is_one_line_and_creates_no_run(tmp_path, planted):
     store_db = tmp_path / "store" / "mlflow.db"
     folder = write_earlier_run(tmp_path / "run", epochs=(0,))
     marker = tmp_path / "pwned"
-    bad = earlier_checkpoint(5000, seed=1)
-    if planted == "payload":
+    # an absurd epoch became a step beyond int64: an entry no sync could deliver, in a run that never finished
+    bad = earlier_checkpoint(2 ** 63 - 1 if planted == "absurd-epoch" else 5000, seed=1)
+    if planted == "absurd-epoch":
+        pass
+    elif planted == "payload":
         bad["model_state_dict"]["embed.W_E"] = Payload(marker)
     else:
         bad["model_state_dict"]["embed.W_E"] = torch.zeros(7, 5)

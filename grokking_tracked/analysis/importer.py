@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError, preset
+from ..config import BIG, Config, ConfigError, preset
 from ..train import CHECKPOINT_FORMAT
 from .checkpoints import CheckpointError, model_from_checkpoint, safe_load
 
@@ -123,12 +123,14 @@ def _earlier_project_folder(folder: Path) -> ImportedRun:
 
 def _epoch_of(payload: dict, file: Path) -> int:
     epoch = payload.get("epoch")
-    if isinstance(epoch, int) and epoch >= 0:
-        return epoch
-    match = _EPOCH_FILE.search(file.name)
-    if match:
-        return int(match.group(1))
-    raise ForeignRunError(f"{file.name} records no epoch")
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        match = _EPOCH_FILE.search(file.name)
+        if not match:
+            raise ForeignRunError(f"{file.name} records no epoch")
+        epoch = int(match.group(1))
+    if epoch >= BIG:  # a step MLflow's store cannot take (int64) would be refused after the run exists
+        raise ForeignRunError(f"{file.name} records epoch {epoch:,}; at most {BIG - 1:,} is a training run")
+    return epoch
 
 
 def _losses(payload: dict, epoch: int) -> list[tuple[int, dict[str, float]]]:

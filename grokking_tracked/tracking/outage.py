@@ -40,13 +40,14 @@ def _http_status(exc: BaseException) -> int | None:
         return status
     if isinstance(exc, RestException):
         return exc.get_http_status_code()
-    if isinstance(exc, MlflowException) and _NON_JSON_ANSWER.search(str(exc)):
-        return int(_NON_JSON_ANSWER.search(str(exc)).group(1))  # an answer MLflow could not parse
+    if isinstance(exc, MlflowException) and (match := _ANSWERED.search(str(exc))):
+        return int(match.group(1) or match.group(2))  # an answer MLflow could not parse, or retried to the end
     return None
 
 
-# verify_rest_response's message for a non-JSON answer; a failed connection reads "failed with exception"
-_NON_JSON_ANSWER = re.compile(r"failed with error code (\d{3}) != \d{3}")
+# verify_rest_response's message for a non-JSON answer; urllib3's when MLflow's retries of a 429/5xx ran out (its
+# status_forcelist includes 500: the body is then lost). A failed connection reads "failed with exception".
+_ANSWERED = re.compile(r"failed with error code (\d{3}) != \d{3}|too many (\d{3}) error responses")
 
 
 def classify(exc: BaseException) -> str:
@@ -54,17 +55,15 @@ def classify(exc: BaseException) -> str:
     it can never take; the outbox tells them apart by asking the server something else) or REFUSED (this
     operation is refused for good).
 
-    - no answer (connection refused/reset, timeout), HTTP 5xx, 408, 429: OUTAGE;
-    - any HTTP error that is not MLflow's own JSON (a proxy's 404/401/403/502 HTML page): OUTAGE;
-    - MLflow's own INTERNAL_ERROR (500): SUSPECT; MLflow's own 4xx (INVALID_PARAMETER_VALUE, ...): REFUSED;
+    - no answer (connection refused/reset, timeout), HTTP 502-599, 408, 429: OUTAGE;
+    - any other HTTP error that is not MLflow's own JSON (a proxy's 404/401/403 HTML page): OUTAGE;
+    - HTTP 500 (INTERNAL_ERROR): SUSPECT; MLflow's own 4xx (INVALID_PARAMETER_VALUE, ...): REFUSED;
     - a local SQLAlchemy OperationalError ("database is locked"): OUTAGE; anything else: REFUSED."""
     status = _http_status(exc)
     if status is not None:
-        if not from_mlflow(exc):
-            return OUTAGE
-        if status == 500:
+        if status == 500:  # (MLflow's retries keep no body: a 500 counts as MLflow's own)
             return SUSPECT
-        return OUTAGE if status > 500 or status in (408, 429) else REFUSED
+        return OUTAGE if status > 500 or status in (408, 429) or not from_mlflow(exc) else REFUSED
     if isinstance(exc, MlflowException):
         # MLflow wraps every connection failure, timeout and exhausted retry as INTERNAL_ERROR.
         return OUTAGE if exc.get_http_status_code() >= 500 else REFUSED

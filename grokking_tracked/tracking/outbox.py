@@ -13,11 +13,11 @@ IntegrityError and inserts only the missing rows; tested against a real server i
 Params of the same value, tags, artifact uploads (PUT) and status updates are idempotent.
 
 Errors (classified in outage.py). What an outage looks like (no connection, reset, timeout, HTTP
-5xx/408/429, any HTTP error that is not MLflow's own JSON answer: a proxy's 404/401/403 page, a locked
+502-599/408/429, any HTTP error that is not MLflow's own JSON answer: a proxy's 404/401/403 page, a locked
 SQLite store) is retried forever with back-off capped at ``max_backoff``: the queue waits, training goes
 on, and the caller's ``wait(timeout)`` bounds how long it waits. MLflow's own refusal (a 4xx such as
 INVALID_PARAMETER_VALUE) or a local error (a missing payload, a value out of range) sets the entry aside at
-once. MLflow's own 500 is either its store being away or a request it can never take (a poison entry): the
+once. A 500 is either the server's store being away or a request it can never take (a poison entry): the
 outbox asks the server for the run; if that works, the entry counts one refusal, and after
 ``POISON_TRIES`` it is set aside. Set aside = moved to ``failed/`` with the error, one line echoed, the
 entries behind it still flow, and ``wait()`` returns False from then on (``failures`` says why).
@@ -53,7 +53,7 @@ from .spool import (ENTRY_NAME, SpoolDelivery, Busy, lock_writer_dir, new_writer
 __all__ = ["Outbox", "OutboxClosed", "SpoolDelivery", "deliver_spool", "spool_root_for", "run_spool_dir"]
 
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
-POISON_TRIES = 4  # MLflow's own 500s to one entry, while it answers for the run, before the entry is set aside
+POISON_TRIES = 4  # 500s to one entry, while the server answers for the run, before the entry is set aside
 FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE",)  # MLflow's refusals that no later attempt can pass
 # log_batch limits of the MLflow REST API (mlflow.utils.validation): consecutive small batches are sent
 # as one request when catching up after an outage (1,000 metrics = ~140 evaluations of 7 metrics).
@@ -80,7 +80,7 @@ def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Ca
     report, deadline, blocked = SpoolDelivery(), time.monotonic() + timeout, set()
     for writer, run_id in writer_dirs(Path(directory)):
         if run_id in blocked:
-            report.pending += sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name))
+            report.pending += _entries(writer)
             continue
         try:
             outbox = Outbox(client, run_id, echo=echo, max_backoff=max_backoff, _adopt=writer)
@@ -88,10 +88,11 @@ def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Ca
             report.busy.append(writer)
             blocked.add(run_id)
             continue
-        before = outbox.pending
+        before = _entries(writer)  # (not outbox.pending: entries put back from failed/ leave gaps in the sequence)
         outbox.wait(max(0.0, deadline - time.monotonic()))
-        left, failures = outbox.pending, outbox.failures
+        failures = outbox.failures
         outbox.close()
+        left = _entries(writer)
         report.delivered += before - left - len(failures)
         report.pending += left
         report.failed += failures
@@ -102,6 +103,10 @@ def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Ca
         if left:
             blocked.add(run_id)
     return report
+
+
+def _entries(writer: Path) -> int:
+    return sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name)) if writer.is_dir() else 0
 
 
 def _describe(entry: dict) -> str:
@@ -245,7 +250,10 @@ class Outbox:
             self._enqueue({"op": "status", "status": status, "end_time": end_time_ms})
         except OSError:  # the spool cannot take it (full disk): end the run directly, never leave it RUNNING
             if RunStatus.is_terminated(RunStatus.from_string(status)):
-                self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status, end_time_ms)
+                try:
+                    self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status, end_time_ms)
+                except Exception:  # noqa: BLE001 - the server away too: the disk error is the one to report
+                    pass
             raise
 
     def _enqueue(self, entry: dict, file_name: str | None = None, fill: Callable[[Path], object] | None = None,
@@ -343,15 +351,19 @@ class Outbox:
                     self._send([entry for _, entry in group])
             except Exception as exc:  # classified below: an outage is retried, a refusal is set aside
                 kind = classify(exc)
-                if kind == SUSPECT and len(group) == 1 and self._server_answers():
+                if kind == SUSPECT and len(group) > 1:
+                    kind = REFUSED  # find the entry MLflow cannot take among the merged ones (below)
+                elif kind == SUSPECT and self._server_answers():  # so the 500 is about this entry
                     seq = group[0][0]
                     refusals = (seq, refusals[1] + 1 if refusals[0] == seq else 1)
                     if refusals[1] >= POISON_TRIES:
                         self._fail(seq, group[0][1], exc, tries=refusals[1])
                         continue
-                elif kind != REFUSED:
-                    self._outage(exc)
-                if kind != REFUSED and not (kind == SUSPECT and len(group) > 1):
+                else:
+                    kind = OUTAGE if kind == SUSPECT else kind
+                if kind != REFUSED:
+                    if kind == OUTAGE:
+                        self._outage(exc)
                     if self._closing.wait(backoff):
                         return
                     backoff = min(backoff * 2, self._max_backoff)
@@ -420,7 +432,7 @@ class Outbox:
             self.client.set_terminated(self.run_id, "FAILED", entry["end_time"])
             self._fail(seq, {**entry, "held": True}, RuntimeError(
                 f"{missing} operations were set aside: ended FAILED, not FINISHED; `grokking-tracked sync` "
-                f"retries them and then marks it FINISHED"), kept=True)
+                f"retries those that may pass, and once all are in marks it FINISHED"), kept=True)
             return False
         if entry.get("held"):  # from an earlier attempt: only if nobody has continued the run since
             info = self.client.get_run(self.run_id).info
@@ -451,6 +463,10 @@ class Outbox:
                 files.rename(self._dir / files.name)
             write_atomically(self._dir / path.name, json.dumps(entry))
             path.unlink()
+        try:
+            failed.rmdir()  # all put back: a delivered spool is then removed at close()
+        except OSError:
+            pass
 
     def _send(self, entries: list[dict]) -> None:
         entry = entries[0]
