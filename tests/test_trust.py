@@ -219,6 +219,8 @@ def test_no_password_of_the_tracking_uri_lands_in_a_run(mlflow_server, tmp_path)
     assert analyzed.returncode == 0, analyzed.stderr[-2000:]
     written = everything_written(server, runs[0].info.run_id, tmp_path / "analyzed")
     assert "analysis.1.provenance" in written and password not in written
+    images = [info.path for info in server.list_artifacts(runs[0].info.run_id, "images")]
+    assert images and all(path.startswith("images/") for path in images)  # step images came through the outbox
     assert password not in analyzed.stdout + analyzed.stderr
 
 

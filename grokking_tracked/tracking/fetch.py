@@ -55,9 +55,6 @@ class RunArtifacts:
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"cannot download {path!r} of run {self.run_id}: {str(exc).splitlines()[0]}") from None
 
-    def upload_directory(self, local: str | Path, path: str) -> None:
-        self.repository.log_artifacts(str(local), path)
-
     def checkpoints(self, warn=None) -> list[tuple[int, str]]:
         """(step, artifact path) of every checkpoint, by step; other files are skipped with a warning."""
         warn = warn or (lambda message: print(message, file=sys.stderr))

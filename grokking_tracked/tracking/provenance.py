@@ -4,7 +4,7 @@
   ``mlflow.source.type``, ``mlflow.source.git.commit`` when run from a checkout, ...): ``MlflowClient.create_run``
   adds none of them by itself.
 - Versions of the packages that decide the numbers, the device, torch's threads and the command line (secrets
-  redacted: ``redact.py``).
+  redacted where runs.TrackedRun writes it: ``redact.py``).
 - The dataset as MLflow inputs (the UI's Dataset column): the split's name and a digest of the actual train and
   test examples, with the contexts ``training`` and ``evaluation``.
 """
@@ -24,7 +24,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from ..config import Config
 from ..train import TrainResult
-from .redact import redact
 
 VERSION_PACKAGES = ("grokking-tracked", "torch", "transformer-lens", "mlflow", "optuna", "optuna-dashboard")
 VERSION_TAG = "grokking_tracked.versions"
@@ -46,9 +45,9 @@ def versions() -> dict[str, str]:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed, with its secrets redacted (``--tracking-uri http://user:***@host``)."""
+    """The command as typed; its secrets are redacted where it is written (every tag a ``TrackedRun`` sends)."""
     argv = sys.argv if argv is None else argv
-    return redact(" ".join(shlex.quote(part) for part in ["grokking-tracked", *argv[1:]])) if argv else ""
+    return " ".join(shlex.quote(part) for part in ["grokking-tracked", *argv[1:]]) if argv else ""
 
 
 def context_tags(argv: list[str] | None = None) -> dict[str, str]:

@@ -13,10 +13,11 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric
 
 from .fetch import RunArtifacts, fetch_history
 from .provenance import command_line, versions
+from .runs import TrackedRun
 from .store import TrackingError, connect
 
 ANALYSIS_DIR = "analysis"
@@ -35,7 +36,7 @@ def latest_analysis(artifacts: RunArtifacts) -> str | None:
     return None
 
 
-def _log_step_images(client, run_id: str, directory: Path) -> None:
+def _log_step_images(run: TrackedRun, directory: Path) -> None:
     """Per-checkpoint snapshots as MLflow images with a step (``images/`` in the run), so the UI's step slider
     shows how attention and the Fourier spectrum change over training."""
     from PIL import Image
@@ -43,7 +44,7 @@ def _log_step_images(client, run_id: str, directory: Path) -> None:
     for path in sorted(directory.glob("*_step_*.png")):
         key, _, step = path.stem.rpartition("_step_")
         with Image.open(path) as image:
-            client.log_image(run_id, image.convert("RGB"), key=key, step=int(step), synchronous=True)
+            run.log_image(image.convert("RGB"), key=key, step=int(step))
 
 
 def _checkpoint_metrics(summary: dict) -> list[Metric]:
@@ -87,21 +88,25 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, output: str | Path
                                       expected_config=config, events=events, step_images=step_images)
         number = _next_analysis_number(artifacts)
         summary["analysis_path"] = f"{ANALYSIS_DIR}/{number}"
-        artifacts.upload_directory(out_dir, f"{ANALYSIS_DIR}/{number}")
-        _log_step_images(client, run_id, step_images)
         fourier = summary["fourier"]
         provenance = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(),
                       "versions": versions(), "checkpoints": len(checkpoints)}
-        client.log_batch(run_id, tags=[
-            RunTag(f"analysis.{number}.provenance", json.dumps(provenance, sort_keys=True)[:5000]),
-            RunTag(LATEST_ANALYSIS_TAG, str(number)),
-            RunTag("analysis.key_frequencies", json.dumps(fourier["key_frequencies"])),
-            RunTag("analysis.restricted_loss_falls_before_test_loss",
-                   str(summary["restricted_loss_falls_before_test_loss"]["answer"]).lower()),
-            RunTag("analysis.phases", json.dumps({k: v for k, v in summary.get("phases", {}).items()
-                                                  if k not in ("rule", "order", "paper", "source")})),
-            RunTag("analysis.algorithm", summary["algorithm"]["class"])],
-            metrics=_checkpoint_metrics(summary))
+        with TrackedRun.append(artifacts.client, run_id) as run:  # the run's own checked, spooled write path
+            run.log_directory(out_dir, f"{ANALYSIS_DIR}/{number}")
+            _log_step_images(run, step_images)
+            if not run.deliver():  # analysis.latest names an analysis only once all of it is stored
+                raise TrackingError(f"the analysis of run {run_id} did not all reach the server; "
+                                    f"{LATEST_ANALYSIS_TAG} still names the previous one")
+            run.set_tags({
+                f"analysis.{number}.provenance": json.dumps(provenance, sort_keys=True)[:5000],
+                LATEST_ANALYSIS_TAG: str(number),
+                "analysis.key_frequencies": json.dumps(fourier["key_frequencies"]),
+                "analysis.restricted_loss_falls_before_test_loss":
+                    str(summary["restricted_loss_falls_before_test_loss"]["answer"]).lower(),
+                "analysis.phases": json.dumps({k: v for k, v in summary.get("phases", {}).items()
+                                               if k not in ("rule", "order", "paper", "source")}),
+                "analysis.algorithm": summary["algorithm"]["class"]})
+            run.log_metrics(_checkpoint_metrics(summary))
         if output is not None:
             shutil.copytree(out_dir, Path(output), dirs_exist_ok=True)
     return summary
@@ -129,7 +134,8 @@ def compare_runs(run_ids: list[str], output: str | Path, tracking_uri: str | Non
     figure = compare_figure(histories, Path(output), progress=progress or None,
                             title=f"{len(run_ids)} runs compared")
     if destination is not None:
-        destination.repository.log_artifact(str(figure), "comparisons")
+        with TrackedRun.append(destination.client, log_to) as run:
+            run.log_file(figure, "comparisons")
     return figure
 
 
@@ -201,6 +207,7 @@ def compare_groups(run_ids: list[str], output: str | Path, tracking_uri: str | N
     table_path = Path(output).with_suffix(".csv")
     table.to_csv(table_path, index=False)
     if destination is not None:
-        destination.repository.log_artifact(str(figure_path), "comparisons")
-        destination.repository.log_artifact(str(table_path), "comparisons")
+        with TrackedRun.append(destination.client, log_to) as run:  # the run's own checked, spooled write path
+            run.log_file(figure_path, "comparisons")
+            run.log_file(table_path, "comparisons")
     return figure_path, table_path, table

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -179,6 +180,7 @@ class TrackedRun:
         if self.lease is not None:
             self.lease.start()
         self.status: str | None = None
+        self.appends = False  # opened by ``append``: an ended run gets more data, its status is left alone
         self._later: list[tuple[Future, str]] = []
 
     # ------------------------------------------------------------------ opening
@@ -252,6 +254,17 @@ class TrackedRun:
         tracked.outbox.set_status(RUNNING)
         return tracked
 
+    @classmethod
+    def append(cls, client: MlflowClient, run_id: str, echo: Callable[[str], None] | None = None) -> "TrackedRun":
+        """More data for an existing run whose status stays as it is (``analyze``'s results, ``compare --log-to``):
+        the same checked, spooled, ordered path as any write; ending it only delivers. Not leased: it adds new
+        files and tags, it does not continue the run."""
+        client = checked(client)
+        client.artifact_repository(run_id)  # refused before anything is queued
+        tracked = cls(client, run_id, echo, leased=False)
+        tracked.appends = True
+        return tracked
+
     # ------------------------------------------------------------------ sending
     def log_metrics(self, metrics: list[Metric]) -> None:
         self.outbox.log_batch(metrics=metrics)
@@ -278,8 +291,29 @@ class TrackedRun:
         self.log_file(save_figure(figure, self.staging_path(name)), directory or None, move=True)
 
     def log_file(self, path: Path, artifact_path: str | None = None, move: bool = False) -> None:
-        """Upload a file; ``move``: it was written into ``staging_path()`` and is handed over, not copied."""
+        """Upload a file; ``move``: it was written into ``staging_path()`` and is handed over, else a copy is
+        staged now (the caller may change or delete the file)."""
+        if not move:
+            staged = self.staging_path(Path(path).name)
+            shutil.copyfile(path, staged)
+            path, move = staged, True
         self.outbox.log_file(path, artifact_path, move=move)
+
+    def log_directory(self, local: Path, artifact_path: str) -> None:
+        """Every file under ``local`` as ``artifact_path/<its relative path>`` (copied now)."""
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                relative = path.parent.relative_to(local).as_posix()
+                self.log_file(path, artifact_path if relative == "." else f"{artifact_path}/{relative}")
+
+    def log_image(self, image, key: str, step: int) -> None:
+        """An image with a step (the UI's step slider), in MLflow's own layout: MLflow's ``log_image`` writes it,
+        its uploads and tag land in this run's outbox."""
+        _OutboxWriter(self).log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
+    def deliver(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is on the server; True iff all of it was taken."""
+        return self.outbox.wait(delivery_wait() if timeout is None else timeout)
 
     def staging_path(self, name: str) -> Path:
         """Where to write a file (a checkpoint, a figure) that ``log_file(..., move=True)`` will send."""
@@ -333,7 +367,8 @@ class TrackedRun:
             except Exception as error:  # noqa: BLE001 - a figure is a view of the data, not the data
                 self.echo(f"could not make {artifact_path}/ of run {self.run_id}: {short_error(error)}")
         self._later.clear()
-        self.outbox.set_status(status)
+        if not self.appends:
+            self.outbox.set_status(status)
         self._deliver(status, final=True)
 
     def _finish_quietly(self, status: str) -> None:
@@ -377,7 +412,8 @@ class TrackedRun:
             message = f"the tracking server refused part of run {self.run_id}: {failures[0]}"
         if status == FINISHED:
             raise TrackingUndelivered(message)
-        self._terminate_promptly(status)
+        if not self.appends:
+            self._terminate_promptly(status)
         self.echo(message)
         return False
 
@@ -407,3 +443,20 @@ class TrackedRun:
     def __exit__(self, kind, error, traceback) -> bool:
         self.end(status_for(error))
         return False
+
+
+class _OutboxWriter(MlflowClient):
+    """MLflow's own helpers (``log_image``: its file names, compression and tag) writing into a run's outbox: the
+    two client methods they write through enqueue instead of sending."""
+
+    def __init__(self, run: TrackedRun):
+        super().__init__(run.client.tracking_uri)
+        self.run = run
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        assert run_id == self.run.run_id
+        self.run.log_file(Path(local_path), artifact_path)  # a copy: MLflow deletes its temporary file
+
+    def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> None:
+        assert run_id == self.run.run_id
+        self.run.set_tags({key: str(value)})
