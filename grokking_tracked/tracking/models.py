@@ -40,12 +40,13 @@ def model_name(reasons: list[str], step: int) -> str:
     return f"{'-'.join(reasons)}-step{step}"
 
 
-def write_model_dir(directory: Path, model, config: Config) -> Path:
-    """The LoggedModel's files, written into ``directory`` (made here)."""
+def write_model_dir(directory: Path, weights: dict, config: Config) -> Path:
+    """The LoggedModel's files, written into ``directory`` (made here); ``weights``: the model's state dict (the
+    checkpoint's own, so a lockstep member's is its slice of the stack)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
     save_file(tensors, directory / MODEL_FILE, metadata={"format": FORMAT})
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     return directory

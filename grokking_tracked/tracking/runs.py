@@ -319,14 +319,16 @@ class TrackedRun:
         """Where to write a file (a checkpoint, a figure) that ``log_file(..., move=True)`` will send."""
         return self.outbox.staging_path(name)
 
-    def log_model(self, model, config: Config, step: int, reasons: list[str], metrics: Iterable[Metric] = ()) -> None:
-        """The model as an MLflow LoggedModel of this run at ``step`` (tracking/models.py), through the outbox."""
+    def log_model(self, weights: dict, config: Config, step: int, reasons: list[str],
+                  metrics: Iterable[Metric] = ()) -> None:
+        """A model's weights (its state dict) as an MLflow LoggedModel of this run at ``step`` (tracking/models.py),
+        through the outbox."""
         from .models import model_name, write_model_dir
 
         if self.experiment_id is None:
             self.experiment_id = get_run(self.client, self.run_id).info.experiment_id
         name = model_name(reasons, step)
-        directory = write_model_dir(self.staging_path(name), model, config)
+        directory = write_model_dir(self.staging_path(name), weights, config)
         self.outbox.log_model(directory, name, self.experiment_id, step, reasons, metrics)
 
     def log_files_later(self, files: Future, artifact_path: str) -> None:

@@ -82,12 +82,13 @@ class MlflowTracker(Callback):
     def on_checkpoint(self, state: TrainingState, step: int, reasons: list[str]) -> None:
         self._send()
         path = self.run.staging_path(checkpoint_name(step))
-        torch.save(state.state_dict(), path)
+        checkpoint = state.state_dict()
+        torch.save(checkpoint, path)
         self.run.log_file(path, CHECKPOINT_DIR, move=True)
         reasons = model_reasons(reasons)
         if reasons:  # events and the end: also an MLflow LoggedModel (weights only, safetensors)
             metrics = self._last_eval[1] if self._last_eval[0] == step else []
-            self.run.log_model(state.model, state.config, step, reasons, metrics)
+            self.run.log_model(checkpoint["model"], state.config, step, reasons, metrics)
 
     def on_train_end(self, state: TrainingState, result: TrainResult) -> None:
         self._send()
