@@ -81,12 +81,15 @@ def _pair_indices(grid: fourier.TaskGrid) -> tuple[torch.Tensor, torch.Tensor]:
 def correct_logit_table(logits: torch.Tensor, grid: fourier.TaskGrid) -> torch.Tensor:
     """L[s, d] (n, n, float64): the correct answer's logit of the pair with answer index s and distance index d.
 
-    logits: (n², c) last-position logits in ``grid`` order. For addition L[a + b, a − b], Zhong's table."""
+    logits: (n², c) last-position logits in ``grid`` order. For addition L[a + b, a − b], Zhong's table. For even n
+    (mul/div: Z_{p−1}) s and d have the same parity, so (s, d) is not a grid: there the rows are a's index instead
+    of s, and column d still holds the n pairs at distance d (all distance irrelevance needs)."""
     n = grid.view.n
     s, d = _pair_indices(grid)
+    rows = s if n % 2 else torch.arange(n * n, device=s.device) // n
     correct = logits.to(torch.float64).gather(-1, grid.labels[:, None]).squeeze(-1)
     table = torch.empty(n, n, dtype=torch.float64, device=logits.device)
-    table[s, d] = correct
+    table[rows, d] = correct
     return table
 
 
