@@ -27,12 +27,12 @@ def logits_with_correct(grid: fourier.TaskGrid, correct: torch.Tensor) -> torch.
 
 
 # ------------------------------------------------------------------------------------------ distance irrelevance
-@pytest.mark.parametrize("operation", ["add", "sub"])
+@pytest.mark.parametrize("operation", ["add", "sub", "mul", "div"])  # mul/div: discrete-log order
 def test_correct_logit_depending_only_on_the_distance_has_distance_irrelevance_zero(operation):
     grid = grid_for(operation)
     n = grid.view.n
     i, j = torch.arange(n * n) // n, torch.arange(n * n) % n
-    distance = (i - grid.view.sign * j) % n  # a − b for add, a + b for sub
+    distance = (i - grid.view.sign * j) % n  # a − b for add, a + b for sub (in exponents for mul/div)
     pizza_like = 5 + 3 * torch.cos(math.pi * distance / n).abs()  # Zhong's pizza: |cos(w(a − b)/2)|
     table = algorithm.correct_logit_table(logits_with_correct(grid, pizza_like), grid)
     assert algorithm.distance_irrelevance(table) == pytest.approx(0.0, abs=1e-6)

@@ -11,14 +11,16 @@ from grokking_tracked.model import GrokkingTransformer
 
 
 
-def _config(n_layers: int, normalization: str):
-    return preset("default", p=13, d_model=32, d_mlp=64, n_heads=4, n_layers=n_layers, normalization=normalization)
+def _config(n_layers: int, normalization: str, attention_rate: float = 1.0):
+    return preset("default", p=13, d_model=32, d_mlp=64, n_heads=4, n_layers=n_layers, normalization=normalization,
+                  attention_rate=attention_rate)
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])
 @pytest.mark.parametrize("normalization", ["none", "ln"])
-def test_last_only_matches_full_forward_logits_and_gradients(n_layers, normalization):
-    config = _config(n_layers, normalization)
+@pytest.mark.parametrize("attention_rate", [1.0, 0.3])  # Zhong's blend: the masked full forward must agree too
+def test_last_only_matches_full_forward_logits_and_gradients(n_layers, normalization, attention_rate):
+    config = _config(n_layers, normalization, attention_rate)
     data = make_dataset(config)
     model = GrokkingTransformer(config).double()  # float64: differences are then summation order only
     tokens, labels = data.train_tokens, data.train_labels

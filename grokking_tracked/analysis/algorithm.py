@@ -3,11 +3,11 @@ Nanda et al. 2023's key-frequency form explains.
 
 Zhong et al. ("The Clock and the Pizza", public code ``fjzzq2002/pizza``) tell the two apart with two measures:
 
-- **Gradient symmetricity** (their Definition 4.1): over triples (a, b, c), the cosine between ∂Q_abc/∂E_a and
+- **Gradient symmetricity** (the paper's definition): over triples (a, b, c), the cosine between ∂Q_abc/∂E_a and
   ∂Q_abc/∂E_b, Q_abc the output logit of c and E_a, E_b the input embeddings of a and b (before the positional
   embedding). A pizza reads E_a + E_b, so both gradients are one vector: symmetricity ≈ 1. A clock multiplies
   the two circles, and the gradients point along the circle's tangents at a and at b.
-- **Distance irrelevance** (Definition 4.2; ``code/train-main.py`` computes it after training): the correct
+- **Distance irrelevance** (``code/train-main.py`` computes it after training: ``np.std(oo, axis=0)``): the correct
   answer's logit in a table L[a + b, a − b]; the mean over columns (a − b fixed) of the within-column standard
   deviation, divided by the standard deviation of the whole table (numpy's population std). A pizza's logit
   depends on |cos(w(a − b)/2)|, i.e. on the column: low. A clock's does not depend on a − b: near 1 (0.85).
@@ -41,8 +41,8 @@ GRADIENT_TRIPLES = 1000
 GRADIENT_SEED = 0
 # Thresholds, set between the two models Zhong et al. publish (pizza: symmetricity 0.994, distance irrelevance
 # 0.17; clock: 0.33 and 0.85, as GUIDE.md quotes the paper; the pizza band is the one a public reproduction,
-# ostenloo/clockandpizzarepro, labels with). Between the bands, and for a checkpoint that has not generalised (a memorising network's logits have no
-# structure, so its distance irrelevance is near 1 too), the answer is "undetermined".
+# ostenloo/clockandpizzarepro, labels with). Between the bands, and for a checkpoint that has not generalised
+# (a memorising network's logits have no structure, so its distance irrelevance is near 1 too): "undetermined".
 PIZZA_MIN_SYMMETRICITY = 0.98
 PIZZA_MAX_DISTANCE_IRRELEVANCE = 0.4
 CLOCK_MIN_DISTANCE_IRRELEVANCE = 0.7
@@ -81,12 +81,15 @@ def _pair_indices(grid: fourier.TaskGrid) -> tuple[torch.Tensor, torch.Tensor]:
 def correct_logit_table(logits: torch.Tensor, grid: fourier.TaskGrid) -> torch.Tensor:
     """L[s, d] (n, n, float64): the correct answer's logit of the pair with answer index s and distance index d.
 
-    logits: (n², c) last-position logits in ``grid`` order. For addition L[a + b, a − b], Zhong's table."""
+    logits: (n², c) last-position logits in ``grid`` order. For addition L[a + b, a − b], Zhong's table. For even n
+    (mul/div: Z_{p−1}) s and d have the same parity, so (s, d) is not a grid: there the rows are a's index instead
+    of s, and column d still holds the n pairs at distance d (all distance irrelevance needs)."""
     n = grid.view.n
     s, d = _pair_indices(grid)
+    rows = s if n % 2 else torch.arange(n * n, device=s.device) // n
     correct = logits.to(torch.float64).gather(-1, grid.labels[:, None]).squeeze(-1)
     table = torch.empty(n, n, dtype=torch.float64, device=logits.device)
-    table[s, d] = correct
+    table[rows, d] = correct
     return table
 
 
