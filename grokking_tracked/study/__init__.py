@@ -1,6 +1,7 @@
 """Optuna adapter: a hyperparameter study whose trials are MLflow runs.
 
 - ``spec``: the TOML study spec, its search space, sampler and pruner.
+- ``objectives``: the registry of objectives (``steps``, ``seconds``, ``delay``, ``steps_vs_train_frac``).
 - ``storage``: the Optuna RDB storage (SQLite, PostgreSQL), heartbeats and stale trials.
 - ``trial``: a trial as an MLflow run (``TrialRun``: RUNNING -> COMPLETE | PRUNED | FAIL), the pruning callback,
   the objective.

@@ -94,13 +94,16 @@ def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, compl
                              str(exc).splitlines()[0][:250] if str(exc) else type(exc).__name__})
             return
         figure = plots.optuna_figure(result) if from_optuna else result
-        if from_optuna:  # optuna draws through pyplot in its own style: ours, readable; released from pyplot after
-            import matplotlib.pyplot as plt
+        try:  # drawn lazily: e.g. a log axis with no positive data fails only when saved
+            if from_optuna:  # optuna draws through pyplot in its own style: ours, readable; released from pyplot after
+                import matplotlib.pyplot as plt
 
-            parent.log_figure(plots.tidy(figure), f"figures/{name}.png")
-            plt.close(figure)
-        else:
-            parent.log_figure(figure, f"figures/{name}.png")
+                parent.log_figure(plots.tidy(figure), f"figures/{name}.png")
+                plt.close(figure)
+            else:
+                parent.log_figure(figure, f"figures/{name}.png")
+        except ValueError as exc:
+            parent.set_tags({FIGURE_SKIPPED_TAG.format(name=name): str(exc).splitlines()[0][:250]})
 
     multi = len(spec.directions) > 1
     names = [p.name for p in spec.params]
@@ -268,8 +271,10 @@ def best_vs_baseline_figure(study: optuna.Study, spec: StudySpec, parent: Tracke
     client = parent.client
     best = study.best_trial
     curves = []
-    if best.user_attrs.get(RUN_ID_ATTR):
-        curves.append((f"best trial {best.number}", fetch_history(client, best.user_attrs[RUN_ID_ATTR])))
+    # a seeded trial's curves are its seeds' runs: its first seed's
+    best_run = (best.user_attrs.get("seed_run_ids") or [best.user_attrs.get(RUN_ID_ATTR)])[0]
+    if best_run:
+        curves.append((f"best trial {best.number}", fetch_history(client, best_run)))
     baseline = _baseline_run(client, spec)
     preset_name = spec.compare_preset or spec.preset
     if baseline is not None:

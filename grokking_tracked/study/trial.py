@@ -306,6 +306,7 @@ class Objective:
                                                         pruning.seconds_to_generalize)))
                 phases.append(phase)
                 results.append(result)
+                trial.set_user_attr("seed_run_ids", [*trial.user_attrs.get("seed_run_ids", []), child.run_id])
             value = median_value(values)
             record_seeds(trial, trial_run.run, spec, values, phases, results)
             trial_run.complete(value, any(r.grokked for r in results), {PHASE_TAG: trial.user_attrs[PHASE_ATTR]})
