@@ -142,3 +142,11 @@ def test_compare_by_a_key_no_run_has_is_one_line(mlflow_server, grouped_runs, tm
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "grokking-tracked: error: no selected run has a tag or param 'params.no_such_param'"]
+    unknown = run_cli("compare", "--experiment", "no-such-experiment", "--group-by", "--tracking-uri", mlflow_server,
+                      cwd=tmp_path)
+    assert unknown.returncode != 0 and unknown.stderr.strip().splitlines() == [
+        f"grokking-tracked: error: no experiment named 'no-such-experiment' at {mlflow_server}"]
+    nothing = run_cli("compare", "--group-by", cwd=tmp_path)
+    assert nothing.returncode != 0 and nothing.stderr.strip().splitlines() == [
+        "grokking-tracked: error: give run ids, or --experiment NAME"]
+    assert not list(tmp_path.iterdir())  # nothing written
