@@ -255,8 +255,9 @@ def grouped_curves(groups: dict[str, list[list[tuple[int, dict]]]], metrics=("te
 
 
 def event_step_table(groups: dict[str, list[list[dict]]]):
-    """Per group (name -> its runs' events lists) and event: median, min and max step over the runs that reached
-    it, ``reached`` of ``runs`` (``groups.event_step_rows``) as a pandas DataFrame."""
+    """Per group (name -> its runs' events lists) and event: the median step (a run that never reached it counts as
+    later than any), min and max over the runs that reached it, ``reached`` of ``runs`` (``groups.event_step_rows``)
+    as a pandas DataFrame."""
     import pandas as pd
 
     from .groups import event_step_rows

@@ -95,17 +95,18 @@ def event_steps(events: Sequence[Mapping] | None) -> dict[str, int]:
 
 
 def event_step_rows(groups: Mapping[str, Sequence[Sequence[Mapping] | None]]) -> list[dict]:
-    """Per group and event: the median, min and max step over the runs that reached it, how many did (``reached``)
-    and of how many (``runs``). The main events always have a row (a group none of whose runs generalised shows
-    ``reached`` 0 and no steps); other events appear where some run of any group reached them."""
+    """Per group and event: the median step over all the group's runs, a run that never reached the event counting
+    as later than any step (so the median is None when half or more never did); the min and max over the runs that
+    reached it; how many did (``reached``) of how many (``runs``). The main events always have a row; other events
+    appear where some run of any group reached them."""
     per_run = {name: [event_steps(events) for events in runs] for name, runs in groups.items()}
     others = sorted({event for runs in per_run.values() for steps in runs for event in steps} - set(MAIN_EVENTS))
     rows = []
     for name, runs in per_run.items():
         for event in (*MAIN_EVENTS, *others):
             reached = [steps[event] for steps in runs if event in steps]
-            rows.append({"group": name, "event": event,
-                         "median": float(np.median(reached)) if reached else None,
+            median = float(np.median(reached + [math.inf] * (len(runs) - len(reached)))) if runs else math.inf
+            rows.append({"group": name, "event": event, "median": median if math.isfinite(median) else None,
                          "min": min(reached) if reached else None, "max": max(reached) if reached else None,
                          "reached": len(reached), "runs": len(runs)})
     return rows

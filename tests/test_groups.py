@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -73,11 +74,15 @@ def test_event_table_counts_runs_that_never_reached_an_event():
     table = event_step_table({
         "fast": [events(memorization=100, generalization=400), events(memorization=120, generalization=800),
                  events(memorization=90, generalization=500)],
-        "stuck": [events(memorization=200), None]})  # None: a run without events.json
+        "stuck": [events(memorization=200), None],  # None: a run without events.json
+        "slow": [events(generalization=1000), events(generalization=3000), events()]})
     row = table.set_index(["group", "event"])
     assert row.loc[("fast", "generalization"), ["median", "min", "max", "reached", "runs"]].tolist() == [
         500, 400, 800, 3, 3]
     assert row.loc[("fast", "memorization"), "median"] == 100
+    # a run that never generalised counts as later than any step: the median of (1000, 3000, never) is 3000
+    assert row.loc[("slow", "generalization"), ["median", "min", "max", "reached"]].tolist() == [3000, 1000, 3000, 2]
+    assert pd.isna(row.loc[("stuck", "memorization"), "median"])  # half never memorised: no median
     assert row.loc[("stuck", "generalization"), "reached"] == 0 and row.loc[("stuck", "generalization"), "runs"] == 2
     assert row.loc[("stuck", "memorization"), "reached"] == 1
     assert row.loc[("fast", "onset"), "reached"] == 0  # the main events always have a row
@@ -137,3 +142,11 @@ def test_compare_by_a_key_no_run_has_is_one_line(mlflow_server, grouped_runs, tm
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "grokking-tracked: error: no selected run has a tag or param 'params.no_such_param'"]
+    unknown = run_cli("compare", "--experiment", "no-such-experiment", "--group-by", "--tracking-uri", mlflow_server,
+                      cwd=tmp_path)
+    assert unknown.returncode != 0 and unknown.stderr.strip().splitlines() == [
+        f"grokking-tracked: error: no experiment named 'no-such-experiment' at {mlflow_server}"]
+    nothing = run_cli("compare", "--group-by", cwd=tmp_path)
+    assert nothing.returncode != 0 and nothing.stderr.strip().splitlines() == [
+        "grokking-tracked: error: give run ids, or --experiment NAME"]
+    assert not list(tmp_path.iterdir())  # nothing written
