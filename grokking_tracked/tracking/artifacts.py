@@ -31,22 +31,25 @@ class _CheckedTrackingService(TrackingServiceClient):
         self._repositories: dict[str, object] = {}
         self._repositories_lock = threading.Lock()
 
-    def artifact_repository(self, run_id: str):
-        """Run ``run_id``'s artifact repository, made once from a checked location (TrackingError if refused)."""
+    def artifact_repository(self, run_id: str, resource: str = "run"):
+        """The artifact repository of run ``run_id`` (or of the logged model of that id, ``resource="logged_model"``),
+        made once from a checked location (TrackingError if refused)."""
         with self._repositories_lock:
-            repository = self._repositories.get(run_id)
+            repository = self._repositories.get((resource, run_id))
         if repository is not None:
             return repository
         from mlflow.exceptions import MlflowException
 
         try:
-            location = self.get_run(run_id).info.artifact_uri
+            location = (self.get_logged_model(run_id).artifact_location if resource == "logged_model"
+                        else self.get_run(run_id).info.artifact_uri)
         except MlflowException:
-            raise TrackingError(f"no MLflow run with id {run_id!r} at {redact(self.tracking_uri)}") from None
+            what = "logged model" if resource == "logged_model" else "MLflow run"
+            raise TrackingError(f"no {what} with id {run_id!r} at {redact(self.tracking_uri)}") from None
         check_artifact_location(self.tracking_uri, location, run_id)
         repository = get_artifact_repository(location, tracking_uri=self.tracking_uri)
         with self._repositories_lock:
-            return self._repositories.setdefault(run_id, repository)
+            return self._repositories.setdefault((resource, run_id), repository)
 
     def _log_url(self, run_id: str) -> None:
         """MLflow prints "View run ... at: <tracking URI>" when a run ends: with credentials in the URI, that line
@@ -56,9 +59,10 @@ class _CheckedTrackingService(TrackingServiceClient):
 
     # MLflow calls these for every artifact transfer of a run (log_artifact(s), log_image, log_text, ...)
     def _get_artifact_repo(self, resource_id: str, *, resource: str = "run"):
-        if resource != "run":  # logged models are not ours: their location is unchecked
-            raise TrackingError(f"refusing the artifacts of a {resource} ({resource_id}): only runs are checked")
-        return self.artifact_repository(resource_id)
+        if resource not in ("run", "logged_model"):
+            raise TrackingError(f"refusing the artifacts of a {resource} ({resource_id}): only runs and logged models "
+                                "are checked")
+        return self.artifact_repository(resource_id, resource)
 
     def list_artifacts(self, run_id: str, path: str | None = None):
         return self.artifact_repository(run_id).list_artifacts(path)
@@ -74,8 +78,8 @@ class CheckedClient(MlflowClient):
         super().__init__(tracking_uri, registry_uri)
         self._tracking_client = _CheckedTrackingService(self._tracking_client.tracking_uri)
 
-    def artifact_repository(self, run_id: str):
-        return self._tracking_client.artifact_repository(run_id)
+    def artifact_repository(self, run_id: str, resource: str = "run"):
+        return self._tracking_client.artifact_repository(run_id, resource)
 
 
 def checked(client: MlflowClient) -> CheckedClient:

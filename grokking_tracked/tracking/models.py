@@ -93,12 +93,12 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     """The ``GrokkingTransformer`` of a LoggedModel logged by a run of ours (``models:/m-...`` or ``m-...``), on the
     CPU, in eval mode. Nothing is unpickled: the weights are read with safetensors, the config from JSON."""
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ..model import GrokkingTransformer
-    from .store import check_artifact_location, connect
+    from .artifacts import checked
+    from .store import connect
 
     client = connect(tracking_uri)
     model_id = model_id_of(model_uri)
@@ -106,8 +106,7 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
         logged = client.get_logged_model(model_id)
     except MlflowException as exc:
         raise ModelError(f"no logged model {model_id}: {str(exc).splitlines()[0]}") from None
-    check_artifact_location(client.tracking_uri, logged.artifact_location, model_id)
-    repository = get_artifact_repository(logged.artifact_location, tracking_uri=client.tracking_uri)
+    repository = checked(client).artifact_repository(model_id, "logged_model")  # its location checked as a run's
     names = {info.path.rsplit("/", 1)[-1] for info in repository.list_artifacts()}
     if names != MODEL_FILES:
         raise ModelError(f"logged model {model_id} holds {sorted(names)}, not exactly {sorted(MODEL_FILES)}: "
