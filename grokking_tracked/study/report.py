@@ -188,16 +188,9 @@ def phase_diagram_figure(table, study_name: str, rule: str = ""):
     return fig
 
 
-SEED_GROUPS_SKIPPED = "figures/seed_groups.png needs figures.grouped_curves (the config-group helper's)"
-
-
 def _log_seed_groups(study: optuna.Study, spec: StudySpec, parent: TrackedRun) -> None:
     """A seeds study's parent run: each COMPLETE trial's seed runs as one group (median and band of their curves),
-    and the event steps per group, through ``figures.grouped_curves`` and ``figures.event_step_table`` (another
-    change adds them; without them this is skipped with a tag)."""
-    if not (hasattr(figures, "grouped_curves") and hasattr(figures, "event_step_table")):
-        parent.set_tags({FIGURE_SKIPPED_TAG.format(name="seed_groups"): SEED_GROUPS_SKIPPED})
-        return
+    and the event steps per group (``figures.grouped_curves``, ``figures.event_step_table``, as `compare --group-by`)."""
     from .trial import TRIAL_NUMBER_TAG, TRIAL_SEED_ROLE
 
     client = parent.client
