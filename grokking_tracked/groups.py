@@ -33,8 +33,11 @@ MAIN_EVENTS = ("memorization", "onset", "generalization")  # always in the table
 
 def config_group(config: Config) -> str:
     """``add59-f0.3-lr0.01-wd1-<8 hex>``: a readable prefix (task and the usual knobs) and a digest of every field
-    except ``GROUP_EXCLUDED_FIELDS``, so two configs share the name iff they differ only in seeds and runtime."""
-    values = {k: v for k, v in config.to_dict().items() if k not in GROUP_EXCLUDED_FIELDS}
+    except ``GROUP_EXCLUDED_FIELDS``, so two configs share the name iff they differ only in seeds and runtime.
+    Only fields that differ from ``Config()``'s defaults enter the digest: a new field (at its default) leaves every
+    existing group's name as it was, and a run logged before that field existed stays in its group."""
+    defaults = Config().to_dict()
+    values = {k: v for k, v in config.to_dict().items() if k not in GROUP_EXCLUDED_FIELDS and v != defaults[k]}
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
     return (f"{config.operation}{config.p}-f{config.train_frac:g}-lr{config.lr:g}-wd{config.weight_decay:g}"
             f"-{digest}")
