@@ -314,11 +314,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                       beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
                       max_steps=100_000, eval_every=100, checkpoint_every=5000),
     # Lee et al. 2024, "Grokfast: accelerated grokking by amplifying slow gradients", its baseline command
-    # (`python main.py`); the EMA run adds --grokfast-lambda 2 --weight-decay 0.005 (its README). Source: ironjr/grokfast
-    # main.py: x * y mod 97 on half of the pairs, Decoder(dim 128, num_layers 2, num_heads 4) with LayerNorm, a
-    # 4 x dim GELU MLP, torch.optim.Adam (its --optimizer default; weight decay as L2) lr 1e-3, betas (0.9, 0.98),
-    # weight_decay 0, LambdaLR warm-up over 10 updates, batch_size 512 reshuffled every epoch (torch.split: the last
-    # batch shorter), --alpha 0.98 in the README's EMA command; its README's criterion: 95 % validation accuracy.
+    # (`python main.py`); the EMA run adds --grokfast-lambda 2 --weight-decay 0.005 (its README).
+    # Source: ironjr/grokfast main.py: x * y mod 97 on half of the pairs, Decoder(dim 128, num_layers 2,
+    # num_heads 4) with LayerNorm, a 4 x dim GELU MLP, torch.optim.Adam (its --optimizer default; weight decay
+    # as L2) lr 1e-3, betas (0.9, 0.98), weight_decay 0, LambdaLR warm-up over 10 updates, batch_size 512
+    # reshuffled every epoch (torch.split: the last batch shorter), --alpha 0.98 in the README's EMA command; its
+    # README's criterion: 95 % validation accuracy.
     # eval_every 10 = one evaluation per epoch, as its loop does.
     "grokfast2024": dict(p=97, operation="mul", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
                          normalization="ln", activation="gelu", optimizer="adam", lr=1e-3, weight_decay=0.0,
