@@ -257,7 +257,7 @@ def analyze(run_id: str, output: str | None, progress: bool, tracking_uri: str |
     fourier, order = summary["fourier"], summary["restricted_loss_falls_before_test_loss"]
     click.echo(f"analysed {summary['n_checkpoints']} checkpoints of run {run_id}: "
                f"key frequencies {fourier['key_frequencies']} ({fourier['basis']} basis), "
-               f"restricted loss falls before test loss: {order['answer']}")
+               f"restricted loss falls before test loss: {order['answer']}; algorithm: {summary['algorithm']['class']}")
 
 
 @cli.command()
@@ -303,7 +303,9 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_remote(uri):
-        raise UserError(f"{uri} is a tracking server already: open it in a browser")
+        from .tracking.redact import without_userinfo
+
+        raise UserError(f"{without_userinfo(uri)} is a tracking server already: open it in a browser")
     store = local_store_dir(uri)
     if store is None or not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"no MLflow store at {uri} yet: run an experiment first")

@@ -205,10 +205,10 @@ class TrackedRun:
         try:
             check_artifact_location(client.tracking_uri, run.info.artifact_uri, run.info.run_id)
             client.artifact_repository(run.info.run_id)
-        except TrackingError:
-            client.set_terminated(run.info.run_id, "FAILED")
+            tracked = cls(client, run.info.run_id, echo, leased, experiment_id)  # its spool may be unusable
+        except BaseException as error:  # nothing queued yet: end the new run directly, never leave it RUNNING
+            client.set_terminated(run.info.run_id, status_for(error))
             raise
-        tracked = cls(client, run.info.run_id, echo, leased, experiment_id)
         try:
             params = list(params)
             if params:
@@ -238,7 +238,11 @@ class TrackedRun:
                          tags=tags, params=config_params(config),
                          artifacts={CONFIG_ARTIFACT: config.to_dict(), EVENTS_ARTIFACT: []},
                          parent_run_id=parent_run_id, echo=echo)
-        run.outbox.log_inputs(dataset_inputs(config, make_dataset(config)))
+        try:
+            run.outbox.log_inputs(dataset_inputs(config, make_dataset(config)))
+        except BaseException as error:
+            run.end(status_for(error))
+            raise
         return run
 
     @classmethod
