@@ -71,7 +71,7 @@ def test_a_seeded_trial_scores_the_median_and_logs_every_seed_and_the_spread(cli
     assert [(int(r.data.params["seed"]), int(r.data.params["data_seed"])) for r in seeds] == [(999, 598), (1000, 599),
                                                                                           (1001, 600)]
     for run in seeds:
-        assert client.get_metric_history(run.info.run_id, "test_acc") and run.data.tags["grokking_tracked.phase"]
+        assert client.get_metric_history(run.info.run_id, "accuracy/test") and run.data.tags["grokking_tracked.phase"]
 
 
 class SecondSeedFails(Objective):
