@@ -75,8 +75,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-# Multiply-adds per training step below which a second thread loses (issue 21, benchmarks/speed.py --only threads):
-# the `default` preset (~55 M) ran 21 vs 156 steps/s on 2 vs 1 threads; `seed` (~220 M) and `nanda2023` (~810 M) gain.
+# Multiply-adds per training step below which a lone run keeps one thread (benchmarks/speed.py --only threads). On an
+# idle 2-core machine two threads gained at every size (`default` ~55 M: 1.35x, `seed` ~220 M: 1.48x, `nanda2023`
+# ~810 M: 1.65x); with other jobs on the cores they collapsed ~20x. The small `default` (the README's first command)
+# does not risk that collapse for its small gain.
 MIN_STEP_WORK_FOR_THREADS = 100_000_000
 
 
