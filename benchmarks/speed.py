@@ -17,6 +17,9 @@ Sections:
   threads   steps/s of the `default`, `seed` and `nanda2023` presets (Trainer, no tracking, each preset's own
             eval_every) with the threads a lone `run` gets (every available core) and with 1 thread (a study
             worker), alternated round by round: --rounds rounds of --thread-steps steps each after a warm-up.
+  cleanup   `nanda2023` (Nanda et al. 2023's run) tracked into a local store until its clean-up's end, as
+            `grokking-tracked run --preset nanda2023` trains it: training seconds and the event's step, with the
+            threads a lone `run` gets and with 1 thread (--cleanup-threads lone,1; each is ~8-15 min here).
   tracking  the same `default` run without MLflow, with a local SQLite store, and with a real
             `mlflow server` on a loopback port: wall seconds per training step, eval_every 10.
 """
@@ -216,6 +219,40 @@ def section_threads(args) -> None:
         print(f"  {name:9s} {cores} threads {many:6.1f} steps/s   1 thread {one:6.1f} steps/s   ratio {many / one:.2f}x")
 
 
+def section_cleanup(args) -> None:
+    """The paper's run to the end of its clean-up phase, whole, once per thread setting (a projection from a
+    short rate would miss the evaluations, progress measures and checkpoints the real run pays for)."""
+    from grokking_tracked.tracking import run_experiment
+    from grokking_tracked.train import available_cores
+
+    lone = available_cores()
+    for choice in args.cleanup_threads.split(","):
+        threads = lone if choice == "lone" else int(choice)
+        with tempfile.TemporaryDirectory() as tmp:
+            cwd = os.getcwd()
+            os.chdir(tmp)  # the SQLite store puts artifacts under ./mlruns: keep them in the temp dir
+            try:
+                events: dict[str, int] = {}
+
+                class Events(Callback):
+                    def on_eval(self, trainer, step, metrics, found):
+                        events.update({e["event"]: e["step"] for e in found})
+
+                wall, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+                result = run_experiment(preset("nanda2023"), tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+                                        progress=False, threads=threads, callbacks=[Events()]).result
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            finally:
+                os.chdir(cwd)
+        end = events.get("cleanup_end")
+        print(f"cleanup, nanda2023, {threads} thread(s): "
+              + (f"clean-up's end at step {end}" if end else "no clean-up's end")
+              + f", {result.final_step} steps in {result.train_seconds:.0f} s of training "
+              f"({result.train_seconds / 60:.1f} min, {result.final_step / result.train_seconds:.1f} steps/s), "
+              f"{wall:.0f} s wall, {cpu:.0f} CPU s; events {events}; load average {load:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end", flush=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -344,12 +381,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--thread-steps", type=int, default=300, help="threads: steps timed per preset and round")
     parser.add_argument("--thread-presets", default="default,seed,nanda2023")
+    parser.add_argument("--cleanup-threads", default="lone,1",
+                        help="cleanup: thread settings in order, 'lone' = every available core, or a number")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print("machine:", describe())
     sections = {"seed": section_seed, "profile": section_profile, "default": section_default,
-                "tracking": section_tracking, "threads": section_threads}
+                "tracking": section_tracking, "threads": section_threads,
+                "cleanup": section_cleanup}
     for name in args.only.split(","):
         sections[name](args)
     print("machine at the end:", describe())

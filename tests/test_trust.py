@@ -171,12 +171,12 @@ def test_redact_hides_passwords_in_uris_secret_options_and_assignments():
 
     line = ("grokking-tracked study s.toml --tracking-uri http://me:pa@ss@host:5000 --storage "
             "postgresql://me:pw1@db:5432/optuna?sslmode=require --set note=https://h/x?token=tk2 "
-            "--password pw3 --api-key=pw4 --p 97")
+            "--password pw3 --api-key=pw4 --remote https://ghp_tok5@github.com/x.git --p 97")
     redacted = redact(line)
-    for secret in ("pa@ss", "pw1", "tk2", "pw3", "pw4"):
+    for secret in ("pa@ss", "pw1", "tk2", "pw3", "pw4", "ghp_tok5"):
         assert secret not in redacted
     assert "http://me:***@host:5000" in redacted and "postgresql://me:***@db:5432/optuna?sslmode=require" in redacted
-    assert redacted.endswith("--p 97")
+    assert "https://***@github.com/x.git" in redacted and redacted.endswith("--p 97")
     harmless = "sqlite:////tmp/x/mlflow.db mlflow-artifacts:/1/2/artifacts postgresql://postgres@127.0.0.1:5432/db"
     assert redact(harmless) == harmless
 
