@@ -6,12 +6,13 @@ side (issue 11: "a 7-trial vs a 1-trial study of 30-step trials, embedded store,
 
     python benchmarks/study_overhead.py --variants tiny-random,tiny-tpe,default-random,default-tpe   # ablation
 
-For each tree, variant and round, in a fresh directory (embedded stores), it times `study --n-trials 1` and
-`study --n-trials N` of 30-step trials (no pruning) through the real console entry point with one worker. A
+For each tree, variant and round, in a fresh directory (embedded stores), it times `study --n-trials 1`, `2` and
+`N` of 30-step trials (no pruning) through the real console entry point with one worker. A
 variant is a task (`tiny`: p = 23, d_model 32, issue 11's; `default`: x + y mod 59, d_model 64, issue 21's) and a
-sampler (random or TPE). Reported: the whole-command figure (T_N - T_1) / (N - 1), what a user sees; of it, the
-trials' own training (from the Optuna storage) and the rest, per-trial bookkeeping; per-study fixed cost = T_1
-minus one trial's time; and the N-trial study's timeline from its stores (see ``timeline``). Trees and variants
+sampler (random or TPE). Reported: the whole-command figure (T_N - T_1) / (N - 1), the issue's; the marginal
+figure (T_N - T_2) / (N - 2), what one more trial costs once the study figures that need two completed trials
+(param importances, contour) are drawn, split into the trials' own training (from the Optuna storage) and the
+rest, per-trial bookkeeping; those figures' one-off cost; per-study fixed cost; and the N-trial study's timeline from its stores (see ``timeline``). Trees and variants
 alternate within each round, so load on the machine affects them alike.
 """
 
@@ -92,9 +93,10 @@ def timeline(directory: Path, started: float, ended: float) -> dict[str, float]:
     """Where a study command's wall time went, from what its stores recorded: Optuna's trial start/complete times
     (naive UTC), the trials' training seconds, and MLflow's run end times (a trial's run ends FINISHED once the
     figure process has drawn its figures). ``head``: command start to the first trial; ``trial``: a trial's
-    window minus its training (sampling, run creation, logging, delivery), summed; ``between``: from one trial's
-    completion to the next one's start, summed; ``tail``: the last completion to the command's exit; ``lag``:
-    how long after its trial's completion the last trial's run was FINISHED (the figure process's backlog)."""
+    window minus its training (sampling, run creation, logging, delivery); ``between``: from one trial's
+    completion to the next one's start; ``tail``: the last completion to the command's exit; ``lag``:
+    how long after its trial's completion the last trial's run was FINISHED (the figure process's backlog). ``first``: the first trial's window minus its training; ``trial`` and ``between``:
+    medians over the later trials."""
     with sqlite3.connect(directory / "mlruns" / "optuna.db") as db:
         trials = db.execute("select trial_id, datetime_start, datetime_complete from trials order by number").fetchall()
         train = dict(db.execute("select trial_id, value_json from trial_user_attributes where key = 'train_seconds'"))
@@ -104,9 +106,11 @@ def timeline(directory: Path, started: float, ended: float) -> dict[str, float]:
             "where tags.key = 'optuna.trial_number' order by cast(tags.value as integer)")]
     starts = [_utc(t[1]) for t in trials]
     completes = [_utc(t[2]) for t in trials]
+    inside = [c - s - float(train.get(t[0], 0)) for t, s, c in zip(trials, starts, completes)]
     return {"head": starts[0] - started,
-            "trial": sum(c - s - float(train.get(t[0], 0)) for t, s, c in zip(trials, starts, completes)),
-            "between": sum(s - c for s, c in zip(starts[1:], completes)),
+            "first": inside[0],  # the first trial also pays the process's first optimizer (torch._dynamo's import)
+            "trial": statistics.median(inside[1:]) if len(inside) > 1 else float("nan"),
+            "between": statistics.median(s - c for s, c in zip(starts[1:], completes)) if len(inside) > 1 else 0.0,
             "tail": ended - completes[-1],
             "lag": (ends[-1] - completes[-1]) if ends and ends[-1] else float("nan")}
 
@@ -154,35 +158,42 @@ def main() -> None:
     for round_number in range(args.rounds):
         for tree, variant in (keys if round_number % 2 == 0 else keys[::-1]):  # alternate: load hits all alike
             one_wall, one_train, one_cpu, _ = time_study(tree, 1, variant)
+            two_wall, two_train, _, _ = time_study(tree, 2, variant)
             many_wall, many_train, many_cpu, parts = time_study(tree, args.trials, variant)
             n = args.trials - 1
-            whole = (many_wall - one_wall) / n  # what a user sees: one more trial costs this much of the command
+            whole = (many_wall - one_wall) / n  # the issue's figure: (T_N - T_1) / (N - 1)
             train = (many_train - one_train) / n
-            per_trial = whole - train
-            fixed = one_wall - one_train - per_trial
+            # A 1-trial study skips the study figures that need >= 2 completed trials (param importances, contour):
+            # from 2 trials on, every figure is drawn, so (T_N - T_2) / (N - 2) is what one more trial costs.
+            marginal = (many_wall - two_wall) / (args.trials - 2)
+            marginal_train = (many_train - two_train) / (args.trials - 2)
+            second_figures = (two_wall - one_wall) - marginal  # what the 2nd trial adds beyond a trial's cost
+            per_trial = marginal - marginal_train
+            fixed = one_wall - one_train - (whole - train)
             # training runs on one thread, so its wall seconds approximate its CPU seconds
             cpu_per_trial = ((many_cpu - one_cpu) - (many_train - one_train)) / n
-            cpu_fixed = one_cpu - one_train - cpu_per_trial
-            row = dict(whole=whole, train=train, per_trial=per_trial, fixed=fixed, cpu_per_trial=cpu_per_trial,
-                       cpu_fixed=cpu_fixed, **{k: v / args.trials if k in ("trial", "between") else v
-                                                for k, v in parts.items()})
+            row = dict(whole=whole, train=train, marginal=marginal, marginal_train=marginal_train, per_trial=per_trial,
+                       second=second_figures, fixed=fixed, cpu_per_trial=cpu_per_trial, **parts)
             results[(tree, variant)].append(row)
-            print(f"  round {round_number + 1} {tree} {variant}: 1 trial {one_wall:.1f} s ({one_cpu:.1f} CPU s), "
-                  f"{args.trials} trials {many_wall:.1f} s ({many_cpu:.1f} CPU s; training {many_train:.1f} s): "
-                  f"whole command {whole:.2f} s/trial, of it training {train:.2f} s and bookkeeping "
-                  f"{per_trial:.2f} s ({cpu_per_trial:.2f} CPU s); fixed {fixed:.1f} s/study ({cpu_fixed:.1f} CPU s). "
-                  f"{args.trials}-trial timeline: head {parts['head']:.1f} s, per trial {row['trial']:.2f} s inside "
-                  f"its window besides training + {row['between']:.2f} s between trials, tail {parts['tail']:.1f} s "
+            print(f"  round {round_number + 1} {tree} {variant}: studies of 1, 2, {args.trials} trials: "
+                  f"{one_wall:.1f}, {two_wall:.1f}, {many_wall:.1f} s (training {one_train:.1f}, {two_train:.1f}, "
+                  f"{many_train:.1f} s). (T_{args.trials} - T_1) / {n} = {whole:.2f} s/trial (training {train:.2f}); "
+                  f"(T_{args.trials} - T_2) / {args.trials - 2} = {marginal:.2f} s/trial = training "
+                  f"{marginal_train:.2f} + bookkeeping {per_trial:.2f}; the 2nd trial's extra study figures "
+                  f"{second_figures:.1f} s; fixed {fixed:.1f} s/study. Timeline of the {args.trials}-trial study: "
+                  f"head {parts['head']:.1f} s, first trial {parts['first']:.2f} s besides training, later trials "
+                  f"{parts['trial']:.2f} s (median) + {parts['between']:.2f} s between, tail {parts['tail']:.1f} s "
                   f"(last run FINISHED {parts['lag']:.1f} s after its trial completed)", flush=True)
-    print(f"medians of {args.rounds} rounds (whole command = (T_{args.trials} - T_1) / {args.trials - 1}; "
-          "bookkeeping = that minus the trials' training):")
+    print(f"medians of {args.rounds} rounds:")
     for (tree, variant), rows in results.items():
         m = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        print(f"  {tree} {variant}: whole command {m['whole']:.2f} s/trial = training {m['train']:.2f} + bookkeeping "
-              f"{m['per_trial']:.2f} s ({m['cpu_per_trial']:.2f} CPU s); fixed {m['fixed']:.1f} s/study "
-              f"({m['cpu_fixed']:.1f} CPU s); timeline of the {args.trials}-trial study: head {m['head']:.1f} s, "
-              f"per trial {m['trial']:.2f} s in its window besides training + {m['between']:.2f} s between trials, "
-              f"tail {m['tail']:.1f} s, last run's figures done {m['lag']:.1f} s after its trial")
+        print(f"  {tree} {variant}: whole command (T_{args.trials} - T_1) / {args.trials - 1} = {m['whole']:.2f} s/trial "
+              f"(training {m['train']:.2f}); (T_{args.trials} - T_2) / {args.trials - 2} = {m['marginal']:.2f} s/trial = "
+              f"training {m['marginal_train']:.2f} + bookkeeping {m['per_trial']:.2f} s; CPU beyond training "
+              f"{m['cpu_per_trial']:.2f} CPU s/trial (figure process included); study figures that need 2 trials "
+              f"{m['second']:.1f} s once; fixed {m['fixed']:.1f} s/study. Timeline: head {m['head']:.1f} s, first "
+              f"trial {m['first']:.2f} s besides training, later trials {m['trial']:.2f} s + {m['between']:.2f} s "
+              f"between, tail {m['tail']:.1f} s, last run's figures done {m['lag']:.1f} s after its trial")
     print("machine at the end:", describe())
 
 

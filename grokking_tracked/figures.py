@@ -175,7 +175,10 @@ def attention_grid(model, p: int, layer: int = 0):
     tokens, _ = all_pairs(p, "add")  # every (a, b) pair in row-major order, whatever the model's task
     device = next(model.parameters()).device
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens.to(device), names_filter=f"blocks.{layer}.attn.hook_pattern")
+        # last_only: only the "=" position's queries are computed in the last block (the pattern is the same;
+        # on p = 59 the grid costs half a full forward, paid per trial on a study worker's critical path)
+        _, cache = model.run_with_cache(tokens.to(device), last_only=True,
+                                        names_filter=f"blocks.{layer}.attn.hook_pattern")
     to_a = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
     return rearrange(to_a, "(a b) head -> head a b", a=p, b=p).numpy()
 

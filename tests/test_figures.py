@@ -134,3 +134,24 @@ def test_steps_vs_train_frac_joins_no_trials_with_a_line_and_colours_them_by_lr(
     assert all(c.get_array() is not None for c in points)  # coloured by a value (the learning rate)
     fig.draw_without_rendering()
     assert not overlapping_tick_labels(ax)
+
+
+@pytest.mark.parametrize("overrides, layer", [({}, 0), ({"n_layers": 2}, 0), ({"n_layers": 2}, 1),
+                                              ({"attention_rate": 0.5}, 0)])
+def test_attention_grid_is_the_full_forward_pattern_of_the_equals_position(overrides, layer):
+    """The grid reads the "=" row from a last-position-only forward: it must equal the full forward's pattern."""
+    import torch
+    from einops import rearrange
+
+    from grokking_tracked.config import Config
+    from grokking_tracked.data import all_pairs
+    from grokking_tracked.model import GrokkingTransformer
+
+    config = Config(p=13, d_model=32, d_mlp=64, n_heads=4, **overrides)
+    model = GrokkingTransformer(config)
+    grid = figures.attention_grid(model, config.p, layer)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(all_pairs(config.p, "add")[0], names_filter=f"blocks.{layer}.attn.hook_pattern")
+    full = rearrange(cache[f"blocks.{layer}.attn.hook_pattern"][:, :, -1, 0], "(a b) h -> h a b", a=config.p)
+    assert grid.shape == (config.n_heads, config.p, config.p)
+    assert torch.allclose(torch.from_numpy(grid), full, atol=1e-6)

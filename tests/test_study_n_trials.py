@@ -87,3 +87,10 @@ def test_room_reopens_when_the_trial_running_elsewhere_fails():
 def test_of_trials_asked_at_once_those_beyond_n_are_surplus_by_number():
     study, running = study_with(complete=1, running=3)
     assert [is_surplus(study, t.number, 3) for t in running] == [False, False, True]
+
+
+def test_pruned_trials_count_as_finished_and_failed_ones_do_not():
+    study, running = study_with(complete=1, running=2)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    study.tell(study.ask(), state=TrialState.FAIL)
+    assert [is_surplus(study, t.number, 3) for t in running] == [False, True]  # 1 complete + 1 pruned + 1 earlier

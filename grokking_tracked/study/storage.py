@@ -125,8 +125,9 @@ def is_surplus(study: optuna.Study, trial_number: int, n_trials: int) -> bool:
     """True if the trial just asked would exceed ``n_trials``: the finished trials and the running ones asked
     before it (lower numbers) make ``n_trials`` already. Workers that asked at the same moment agree on which
     trials are surplus, since the storage numbers trials in order."""
-    earlier = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number < trial_number]
-    return count_finished(study) + len(earlier) >= n_trials
+    trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *FINISHED_STATES))  # one storage read
+    counted = [t for t in trials if t.state != TrialState.RUNNING or t.number < trial_number]
+    return len(counted) >= n_trials
 
 
 def sweep_stale_trials(study: optuna.Study) -> None:
