@@ -12,8 +12,9 @@ variant is a task (`tiny`: p = 23, d_model 32, issue 11's; `default`: x + y mod 
 sampler (random or TPE). Reported: the whole-command figure (T_N - T_1) / (N - 1), the issue's; the marginal
 figure (T_N - T_2) / (N - 2), what one more trial costs once the study figures that need two completed trials
 (param importances, contour) are drawn, split into the trials' own training (from the Optuna storage) and the
-rest, per-trial bookkeeping; those figures' one-off cost; per-study fixed cost; and the N-trial study's timeline from its stores (see ``timeline``). Trees and variants
-alternate within each round, so load on the machine affects them alike.
+rest, per-trial bookkeeping; those figures' one-off cost; per-study fixed cost; and the N-trial study's timeline
+from its stores (see ``timeline``). Trees and variants alternate within each round, so load on the machine affects
+them alike.
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ def timeline(directory: Path, started: float, ended: float) -> dict[str, float]:
     figure process has drawn its figures). ``head``: command start to the first trial; ``trial``: a trial's
     window minus its training (sampling, run creation, logging, delivery); ``between``: from one trial's
     completion to the next one's start; ``tail``: the last completion to the command's exit; ``lag``:
-    how long after its trial's completion the last trial's run was FINISHED (the figure process's backlog). ``first``: the first trial's window minus its training; ``trial`` and ``between``:
-    medians over the later trials."""
+    how long after its trial's completion the last trial's run was FINISHED (the figure process's backlog);
+    ``first``: the first trial's window minus its training; ``trial`` and ``between``: medians over the later
+    trials."""
     with sqlite3.connect(directory / "mlruns" / "optuna.db") as db:
         trials = db.execute("select trial_id, datetime_start, datetime_complete from trials order by number").fetchall()
         train = dict(db.execute("select trial_id, value_json from trial_user_attributes where key = 'train_seconds'"))
@@ -149,6 +151,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     trees = [tree.resolve() for tree in (args.tree or [Path(__file__).resolve().parents[1]])]
+    if args.trials < 3:
+        parser.error("--trials must be >= 3 (the marginal figure is (T_N - T_2) / (N - 2))")
     variants = args.variants.split(",")
     for variant in variants:
         spec_text(variant)  # an unknown name fails before anything runs
