@@ -173,7 +173,7 @@ def main() -> None:
             marginal_train = (many_train - two_train) / (args.trials - 2)
             second_figures = (two_wall - one_wall) - marginal  # what the 2nd trial adds beyond a trial's cost
             per_trial = marginal - marginal_train
-            fixed = one_wall - one_train - (whole - train)
+            fixed = one_wall - one_train - per_trial  # T_1 = fixed + its training + one bookkeeping
             # training runs on one thread, so its wall seconds approximate its CPU seconds
             cpu_per_trial = ((many_cpu - one_cpu) - (many_train - one_train)) / n
             row = dict(whole=whole, train=train, marginal=marginal, marginal_train=marginal_train, per_trial=per_trial,

@@ -176,7 +176,7 @@ def attention_grid(model, p: int, layer: int = 0):
     device = next(model.parameters()).device
     with torch.no_grad():
         # last_only: only the "=" position's queries are computed in the last block (the pattern is the same;
-        # on p = 59 the grid costs half a full forward, paid per trial on a study worker's critical path)
+        # on p = 59 the grid costs a third of a full forward, paid per trial on a study worker's critical path)
         _, cache = model.run_with_cache(tokens.to(device), last_only=True,
                                         names_filter=f"blocks.{layer}.attn.hook_pattern")
     to_a = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
