@@ -117,8 +117,9 @@ def test_live_measures_on_the_progress_cadence(overrides):
         logits = trainer.model(trainer.data.train_tokens, last_only=True)
     assert last["softmax_collapse"] == pytest.approx(softmax_collapse_fraction(logits).item(), abs=1e-12)
     assert last["logit_scale"] == pytest.approx(logits.amax(-1).double().mean().item(), rel=1e-5)
-    if config.optimizer == "orthoadamw":
-        assert last["nlm_cosine"] != 0.0  # the raw gradient's, not the projected one (0 by construction)
+    if config.optimizer == "orthoadamw":  # the raw gradient's, not the projected one (orthogonal by construction)
+        assert last["nlm_cosine"] == trainer.optimizer.last_nlm_cosine.item()
+        assert abs(last["nlm_cosine"]) > 10 * abs(nlm_cosine(list(trainer.model.parameters())).item())
     assert [to_mlflow(name) for name in STABILITY_METRICS] == [f"progress/{name}" for name in STABILITY_METRICS]
 
 
