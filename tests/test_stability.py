@@ -173,3 +173,19 @@ def test_prieto2025_preset_smoke():
     config = preset("prieto2025", max_steps=3, eval_every=1, progress_every=1, p=23)
     result = Trainer(config, progress=False).train()
     assert result.final_step == 3 and "softmax_collapse" in result.history[-1][1]
+
+
+def test_stability_figure_is_drawn_only_where_the_measures_were_read(tmp_path):
+    from grokking_tracked.figures import save_run_figures
+
+    config = Config(p=11, d_model=16, d_mlp=32, max_steps=20, eval_every=5, progress_every=10)
+    trainer = Trainer(config, progress=False)
+    result = trainer.train()
+    from grokking_tracked.figures import attention_grid
+
+    grid = attention_grid(trainer.model, config.p)
+    names = {path.name for path in save_run_figures(tmp_path / "with", result.history, result.events, "", grid)}
+    assert names == {"learning_curves.png", "norms.png", "attention.png", "stability.png"}
+    assert (tmp_path / "with" / "stability.png").read_bytes()[:4] == b"\x89PNG"
+    plain = [(step, {k: v for k, v in m.items() if k not in STABILITY_METRICS}) for step, m in result.history]
+    assert "stability.png" not in {p.name for p in save_run_figures(tmp_path / "without", plain, [], "", grid)}
