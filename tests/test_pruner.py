@@ -4,6 +4,8 @@ attrs and its run."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import run_cli
@@ -149,3 +151,5 @@ def test_study_with_the_grokking_pruner_records_its_reasons(tmp_path):
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["optuna.pruned_step"] == "20"
         assert "not_memorized: not memorised by step 20" in run.data.tags["optuna.prune_reason"]
+        assert [d["rule"] for d in json.loads(run.data.tags["grokking_tracked.pruner_decisions"])] == [
+            "waiting", "not_memorized"]

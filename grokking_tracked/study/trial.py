@@ -9,6 +9,7 @@ training run, created before training starts (metrics stream live), nested under
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -40,6 +41,7 @@ TRIAL_STATE_TAG = "optuna.trial_state"
 RETRIED_TRIAL_TAG = "optuna.retried_trial_number"
 PRUNED_STEP_TAG = "optuna.pruned_step"
 PRUNE_REASON_TAG = "optuna.prune_reason"  # why the pruner stopped the trial (the grokking pruner's rule and reason)
+PRUNER_DECISIONS_TAG = "grokking_tracked.pruner_decisions"  # the grokking pruner's changes of rule, as JSON
 VALUE_TAG = "optuna.value"
 GENERALIZED_TAG = "optuna.generalized"
 FAIL_REASON_TAG = "optuna.fail_reason"
@@ -116,8 +118,9 @@ class TrialRun:
         self._end(COMPLETE, FINISHED, background=True,
                   **{VALUE_TAG: str(value), GENERALIZED_TAG: str(generalized).lower(), **(tags or {})})
 
-    def prune(self, step: int | None, reason: str | None = None) -> None:
-        self._end(PRUNED, KILLED, **{PRUNED_STEP_TAG: str(step)}, **({PRUNE_REASON_TAG: reason[:500]} if reason else {}))
+    def prune(self, step: int | None, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
+        self._end(PRUNED, KILLED, **{PRUNED_STEP_TAG: str(step)}, **({PRUNE_REASON_TAG: reason[:500]} if reason else {}),
+                  **(tags or {}))
 
     def fail(self, error: BaseException | str) -> None:
         if self.state != RUNNING:
@@ -205,6 +208,10 @@ class PruningCallback(Callback):
         self._previous_weight_norm = metrics["weight_norm"]
         self.trial.set_user_attr(SIGNALS_ATTR, dataclasses.asdict(signals))
 
+    def decision_tags(self) -> dict[str, str]:
+        """The grokking pruner's decisions on this trial (each change of rule) as a run tag; {} for other pruners."""
+        return {PRUNER_DECISIONS_TAG: json.dumps(self._decisions)[:5000]} if self._decisions else {}
+
     def _decision(self, step: int) -> "Decision | None":
         """The grokking pruner's decision on this trial at ``step``, recorded in its user attrs when its rule
         changed (every decision of another pruner: None)."""
@@ -283,13 +290,14 @@ class Objective:
                 with system_metrics(trial_run.run.run_id, context.client.tracking_uri, enabled=context.system_metrics):
                     result = trainer.train()
             except TrialPrunedStop as stop:
-                trial_run.prune(pruning.pruned_at, str(stop))
+                trial_run.prune(pruning.pruned_at, str(stop), pruning.decision_tags())
                 raise optuna.TrialPruned(str(stop)) from None
             except SystemExit as exc:  # SIGTERM: Optuna marks FAIL on KeyboardInterrupt, leaves RUNNING on SystemExit
                 trial_run.fail(exc)
                 raise KeyboardInterrupt() from exc
             value = trial_value(trial, context.spec, config, result, pruning.seconds_to_generalize)
-            trial_run.complete(value, result, {PHASE_TAG: phase_of(context.spec, config, result)})
+            trial_run.complete(value, result, {PHASE_TAG: phase_of(context.spec, config, result),
+                                               **pruning.decision_tags()})
         return value
 
     def train_seed(self, config: Config, run: TrackedRun, pruning: PruningCallback) -> TrainResult:
