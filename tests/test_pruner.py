@@ -153,3 +153,16 @@ def test_study_with_the_grokking_pruner_records_its_reasons(tmp_path):
         assert "not_memorized: not memorised by step 20" in run.data.tags["optuna.prune_reason"]
         assert [d["rule"] for d in json.loads(run.data.tags["grokking_tracked.pruner_decisions"])] == [
             "waiting", "not_memorized"]
+
+
+@pytest.mark.parametrize("extra, message", [("memorize_by = 2", "memorize_by must be a number in (0, 1], got 2"),
+                                            ("bogus = 1", "unexpected keyword argument 'bogus'"),
+                                            ("min_spans = 0", "min_spans must be a positive integer")])
+def test_bad_grokking_pruner_arguments_are_one_line(tmp_path, extra, message):
+    from grokking_tracked.study.spec import StudyError, load_spec
+
+    spec = tmp_path / "bad.toml"
+    spec.write_text(SPEC.replace('memorize_by = 0.3\n', extra + "\n"))
+    with pytest.raises(StudyError) as error:
+        load_spec(spec)
+    assert message in str(error.value) and "\n" not in str(error.value)
