@@ -328,6 +328,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                       normalization="ln", activation="relu", optimizer="adamw", lr=1e-3, weight_decay=1.0,
                       beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
                       max_steps=100_000, eval_every=100, checkpoint_every=5000),
+    # Power et al. 2022's Figure 1 itself (x / y mod 97, 50 %): "Adam optimizer with no weight decay" and a budget of
+    # 10^6 optimization steps (the paper's appendix A.1.2, last paragraph; openai/grok's --weight_decay default 0;
+    # Sea-Snell/grokking issue #4). Everything else as `power2022` (the appendix's default setting, AdamW wd 1).
+    # Our "adam" puts weight decay in the gradient (L2); at weight_decay 0 it is plain Adam.
+    "power2022_fig1": dict(p=97, operation="div", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
+                           normalization="ln", activation="relu", optimizer="adam", lr=1e-3, weight_decay=0.0,
+                           beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
+                           max_steps=1_000_000, eval_every=100, checkpoint_every=50_000),
     # Lee et al. 2024, "Grokfast: accelerated grokking by amplifying slow gradients", its baseline command
     # (`python main.py`); the EMA run adds --grokfast-lambda 2 --weight-decay 0.005 (its README).
     # Source: ironjr/grokfast main.py: x * y mod 97 on half of the pairs, Decoder(dim 128, num_layers 2,
