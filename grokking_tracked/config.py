@@ -118,6 +118,9 @@ class Config:
     eval_every: int = 10
     batch_size: int = 0  # examples per optimizer step, reshuffled every epoch; 0 (or >= the train set): full batch
     checkpoint_every: int = 1000
+    # As the papers' loops: train loss and accuracy from the minibatches trained since the last evaluation (each
+    # batch's own forward, before its update), and only the held-out split evaluated at eval_every. Needs batch_size.
+    train_metrics_from_batches: bool = False
     # --- earlier project's strategies, all off by default ---
     lr_schedule: str = "constant"  # constant | warmup | cyclic | plateau
     warmup_steps: int = 10
@@ -192,6 +195,8 @@ class Config:
                  f"{self.lr:g} x {getattr(self, decay):g}")
         # A curriculum grows a prefix of an ordered set; an epoch's shuffle would undo that order.
         need(not (self.curriculum and self.batch_size), "curriculum and batch_size > 0 cannot be combined")
+        need(not self.train_metrics_from_batches or self.batch_size > 0,
+             "train_metrics_from_batches needs minibatches (batch_size > 0)")
         need(self.stop_after != "cleanup_end" or self.progress_every > 0,
              "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
         need(isinstance(self.device, str) and (self.device in DEVICES or
@@ -312,7 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "power2022": dict(p=97, operation="div", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
                       normalization="ln", activation="relu", optimizer="adamw", lr=1e-3, weight_decay=1.0,
                       beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
-                      max_steps=100_000, eval_every=100, checkpoint_every=5000),
+                      train_metrics_from_batches=True, max_steps=100_000, eval_every=100, checkpoint_every=5000),
     # Lee et al. 2024, "Grokfast: accelerated grokking by amplifying slow gradients", its baseline command
     # (`python main.py`); the EMA run adds --grokfast-lambda 2 --weight-decay 0.005 (its README).
     # Source: ironjr/grokfast main.py: x * y mod 97 on half of the pairs, Decoder(dim 128, num_layers 2,
@@ -325,7 +330,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          normalization="ln", activation="gelu", optimizer="adam", lr=1e-3, weight_decay=0.0,
                          beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
                          grokfast_alpha=0.98, grokfast_lambda=0.0, generalization_threshold=0.95,
-                         max_steps=100_000, eval_every=10, checkpoint_every=1000),
+                         train_metrics_from_batches=True, max_steps=100_000, eval_every=10, checkpoint_every=1000),
 }
 
 

@@ -170,9 +170,11 @@ def lean_last_logits(model: GrokkingTransformer, tokens: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def loss_and_grads(model: GrokkingTransformer, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_and_grads(model: GrokkingTransformer, tokens: torch.Tensor, labels: torch.Tensor,
+                   return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the last position, softmax in float64; sets every parameter's ``.grad`` to its
-    gradient, as ``zero_grad(set_to_none=True)`` then ``loss.backward()`` would. Returns the loss."""
+    gradient, as ``zero_grad(set_to_none=True)`` then ``loss.backward()`` would. Returns the loss (and with
+    ``return_logits`` the (N, p) logits it was computed from)."""
     f = _forward(model, tokens)
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     W_E, W_pos, W_U = model.embed.W_E, model.pos_embed.W_pos, model.unembed.W_U
@@ -223,4 +225,4 @@ def loss_and_grads(model: GrokkingTransformer, tokens: torch.Tensor, labels: tor
 
     for param in model.parameters():
         param.grad = grads[param]
-    return loss
+    return (loss, f.logits) if return_logits else loss
