@@ -145,9 +145,9 @@ def lean_last_logits(model: GrokkingTransformer, tokens: torch.Tensor) -> torch.
             projected = (_norm(block.ln1, rest) @ w_qkv).view(-1, n - 1, h, 3, e)
             resid_q = rest[:, q0 - 1:]
         at0 = F.embedding(token0, table0.flatten(1)).view(-1, 1, h, 3, e)
-        kv = torch.cat([at0[..., 1:, :], projected[..., 1:, :]], 1)  # (N, n, h, 2, e)
-        k, v = kv[..., 0, :], kv[..., 1, :]
-        q = projected[:, q0 - 1:, :, 0]  # (N, nq, h, e)
+        # unbind, not indexing: its backward stacks the three gradients instead of zero-filling a copy for each
+        q, k, v = torch.cat([at0, projected], 1).unbind(3)  # each (N, n, h, e)
+        q = q[:, q0:]  # (N, nq, h, e)
         # for 3 positions a broadcast product and sum beats batched matmuls (model.Attention)
         scores = (q[:, :, None] * k[:, None]).sum(-1) / math.sqrt(e)  # (N, nq, n, h)
         allowed = attn.causal_mask[q0:n, :n, None]  # (nq, n, 1)
