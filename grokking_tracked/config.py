@@ -127,6 +127,9 @@ class Config:
     eval_every: int = 10
     batch_size: int = 0  # examples per optimizer step, reshuffled every epoch; 0 (or >= the train set): full batch
     checkpoint_every: int = 1000
+    # As the papers' loops: train loss and accuracy from the minibatches trained since the last evaluation (each
+    # batch's own forward, before its update), and only the held-out split evaluated at eval_every. Needs batch_size.
+    train_metrics_from_batches: bool = False
     # --- earlier project's strategies, all off by default ---
     lr_schedule: str = "constant"  # constant | warmup | cyclic | plateau
     warmup_steps: int = 10
@@ -206,6 +209,8 @@ class Config:
         need(not (self.optimizer == "orthoadamw" and self.grokfast_lambda),
              "optimizer orthoadamw cannot be combined with the Grokfast filter (grokfast_lambda > 0)")
         need(not (self.dtype == "float64" and self.device == "mps"), "dtype float64 is not supported on device mps")
+        need(not self.train_metrics_from_batches or self.batch_size > 0,
+             "train_metrics_from_batches needs minibatches (batch_size > 0)")
         need(self.stop_after != "cleanup_end" or self.progress_every > 0,
              "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
         need(isinstance(self.device, str) and (self.device in DEVICES or
@@ -327,7 +332,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "power2022": dict(p=97, operation="div", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
                       normalization="ln", activation="relu", optimizer="adamw", lr=1e-3, weight_decay=1.0,
                       beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
-                      max_steps=100_000, eval_every=100, checkpoint_every=5000),
+                      train_metrics_from_batches=True, max_steps=100_000, eval_every=100, checkpoint_every=5000),
     # Power et al. 2022's Figure 1 itself (x / y mod 97, 50 %): "Adam optimizer with no weight decay" and a budget of
     # 10^6 optimization steps (the paper's appendix A.1.2, last paragraph; openai/grok's --weight_decay default 0;
     # Sea-Snell/grokking issue #4). Everything else as `power2022` (the appendix's default setting, AdamW wd 1).
@@ -335,7 +340,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "power2022_fig1": dict(p=97, operation="div", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
                            normalization="ln", activation="relu", optimizer="adam", lr=1e-3, weight_decay=0.0,
                            beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
-                           max_steps=1_000_000, eval_every=100, checkpoint_every=50_000),
+                           train_metrics_from_batches=True, max_steps=1_000_000, eval_every=100,
+                           checkpoint_every=50_000),
     # Lee et al. 2024, "Grokfast: accelerated grokking by amplifying slow gradients", its baseline command
     # (`python main.py`); the EMA run adds --grokfast-lambda 2 --weight-decay 0.005 (its README).
     # Source: ironjr/grokfast main.py: x * y mod 97 on half of the pairs, Decoder(dim 128, num_layers 2,
@@ -348,7 +354,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          normalization="ln", activation="gelu", optimizer="adam", lr=1e-3, weight_decay=0.0,
                          beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
                          grokfast_alpha=0.98, grokfast_lambda=0.0, generalization_threshold=0.95,
-                         max_steps=100_000, eval_every=10, checkpoint_every=1000),
+                         train_metrics_from_batches=True, max_steps=100_000, eval_every=10, checkpoint_every=1000),
     # Prieto et al. 2025, "Grokking at the edge of numerical stability": their 1-layer transformer on modular addition
     # (Figure 6's first three commands in run_main_experiments.sh: --use_transformer --train_fraction 0.4 --lr 0.001
     # --num_epochs 5000, full batch), the softmax baseline without weight decay. Sources (their repository):
