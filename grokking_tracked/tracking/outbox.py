@@ -199,7 +199,8 @@ def _shape_problem(entry, seq: int) -> str | None:
     """Why ``entry`` (parsed JSON of spool entry ``seq``) cannot be delivered, None if it has the shape we write.
     Checked before anything reads a field, so a wrong-shaped entry is set aside alone instead of stopping delivery."""
     if not isinstance(entry, dict):
-        return f"a JSON {type(entry).__name__}, not an operation"
+        kind = {type(None): "null", list: "list", str: "string", bool: "boolean"}.get(type(entry), "number")
+        return f"JSON {kind}, not an operation"
     op = entry.get("op")
     if op == "batch":
         ok = _metric_rows(entry.get("metrics"), 4) and _pairs(entry.get("params")) and _pairs(entry.get("tags"))
@@ -290,6 +291,11 @@ class Outbox:
         """Entries this outbox moved to failed/ (refused, unreadable, or a held status)."""
         with self._cond:
             return self._set_aside_count
+
+    @property
+    def stopped(self) -> bool:
+        """Whether delivery stopped by itself (an error it reported in ``failures``), not by ``close()``."""
+        return not self._thread.is_alive() and not self._closing.is_set()
 
     @property
     def failures(self) -> list[str]:
@@ -459,8 +465,11 @@ class Outbox:
         try:
             self._deliver_loop()
         except Exception as exc:  # a bug or a full local disk: say so once instead of dying silently
-            line = f"delivery of run {self.run_id} stopped ({short_reason(exc)}); the rest stays in {self._dir}"
-            self._echo(line)
+            spool = isinstance(exc, OSError) and self._spool_error(exc)
+            reason = f"cannot write to the spool: {exc.strerror or exc}" if spool else short_reason(exc)
+            line = f"delivery of run {self.run_id} stopped ({reason}); the rest stays in {self._dir}"
+            if not spool:  # (a spool that refuses writes is reported once, by whoever writes next or waits)
+                self._echo(line)
             with self._cond:
                 self._failures.append(line)
 

@@ -466,17 +466,19 @@ class TrackedRun:
             raise
         if not final:  # the caller queues the rest and waits again
             return delivered
-        pending, failures = self.outbox.pending, self.outbox.failures
+        pending, failures, stopped = self.outbox.pending, self.outbox.failures, self.outbox.stopped
         spool = self.outbox.spool_dir
         self.outbox.close()
         if delivered:
             return True
-        if pending:
+        if pending and stopped:  # not the server: delivery itself stopped (the spool refused a write, a bug)
+            message = f"{failures[-1]}; `grokking-tracked sync` delivers it once that is fixed"
+        elif pending:
             message = (f"the tracking server did not take run {self.run_id}'s last {pending} operations within "
                        f"{budget:.0f} s; they are safe in {spool}: run `grokking-tracked sync` "
                        f"(or `grokking-tracked run --resume {self.run_id}`) when it is back")
         else:
-            message = f"the tracking server refused part of run {self.run_id}: {failures[0]}"
+            message = f"run {self.run_id} did not deliver all its data: {failures[0]}"  # (refused, or the spool)
         if status == FINISHED:
             raise TrackingUndelivered(message)
         if not self.appends:
