@@ -275,3 +275,12 @@ def test_no_credential_in_any_byte_or_name_the_spool_writes(tmp_path, monkeypatc
             assert secret not in str(path.relative_to(tmp_path))
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), (path, secret)
+
+
+def test_a_database_stores_spool_is_named_without_its_password(tmp_path, monkeypatch):
+    """The spool's folder name hashes the store's URI without its password: the same database under a changed
+    password keeps its spool, and no byte of the name derives from the password."""
+    monkeypatch.setenv("GROKKING_TRACKED_SPOOL", str(tmp_path))
+    one = spool_root_for("postgresql://alice:first@db.lab:5432/mlflow?password=first")
+    assert one == spool_root_for("postgresql://alice:second@db.lab:5432/mlflow")
+    assert one != spool_root_for("postgresql://alice:first@db.lab:5432/other")
