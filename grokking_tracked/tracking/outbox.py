@@ -22,6 +22,13 @@ outbox asks the server for the run; if that works, the entry counts one refusal,
 ``POISON_TRIES`` it is set aside. Set aside = moved to ``failed/`` with the error, one line echoed, the
 entries behind it still flow, and ``wait()`` returns False from then on (``failures`` says why).
 
+Poison entries. Every entry is checked whole when read (valid JSON, the shape we write, a payload inside its own
+``<seq>.files/``) before any field is used. One that is not (truncated by a dying disk, ``null``, a list, an
+object missing fields) ends the merged group before it and is then set aside alone -- its bytes and reason in
+``failed/``, never re-sent -- so no intact neighbour is touched and delivery never stops at it. ``delivered`` and
+``set_aside`` count entries, so ``sync``'s numbers are true. A spool that refuses writes (read-only, full) raises
+``SpoolUnusable`` in the writer; delivery that stops on it says so once and leaves the rest in place.
+
 No FINISHED without its data: a FINISHED status that comes after set-aside entries is sent as FAILED and
 itself kept (held) in ``failed/``. An adopted spool (``deliver_spool``: ``sync``, ``--resume``) first puts
 back the set-aside entries whose cause may have passed (everything but MLflow's INVALID_PARAMETER_VALUE

@@ -442,6 +442,8 @@ class TrackedRun:
         try:
             self._finish(status)
         except Exception as error:  # noqa: BLE001 - nobody to raise to in a background thread: say it
+            if not isinstance(error, TrackingUndelivered):  # (its data waits in the spool: RUNNING until sync)
+                self._end_directly(status, error)
             self.echo(str(error))
 
     def _deliver(self, status: str, final: bool) -> bool:

@@ -15,7 +15,7 @@ workers writing the study's parent run, never interleave their sequences)::
         0000000042.json          one operation; written as .tmp then renamed, so never seen half-written
         0000000042.files/NAME    its payload (artifact name = file name), moved in before the .json exists
         staging/<n>/NAME         where callers write big files (checkpoints) to be moved in, never copied
-        failed/                  entries the server refused for good (see outbox.py)
+        failed/                  entries the server refused for good, or unreadable ones (see outbox.py)
 """
 
 from __future__ import annotations
