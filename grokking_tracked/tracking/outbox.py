@@ -66,9 +66,9 @@ FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE",)  # MLflow's refusals that no la
 # log_batch limits of the MLflow REST API (mlflow.utils.validation): consecutive small batches are sent
 # as one request when catching up after an outage (1,000 metrics = ~140 evaluations of 7 metrics).
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100
-_SHOWN_FAILURES = 3
+_SHOWN_FAILURES = 3  # a deleted run refuses every entry: a few lines, not thousands
 SENT, HELD, DROPPED = "sent", "held", "dropped"  # what became of a status entry
-DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # a deleted run refuses every entry: a few lines, not thousands
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")
 
 
 def _default_echo(line: str) -> None:

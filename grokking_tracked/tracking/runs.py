@@ -29,7 +29,7 @@ from ..train import TrainingStopped
 from .lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
 from .artifacts import checked
 from .outage import is_transient
-from .outbox import TERMINATE_WAIT_SECONDS, Outbox, deliver_spool, terminate_within
+from .outbox import BACKOFF_MAX_S, BACKOFF_START_S, TERMINATE_WAIT_SECONDS, Outbox, deliver_spool, terminate_within
 from .provenance import context_tags, dataset_inputs, default_run_name
 from .redact import redact, redact_values, without_userinfo
 from .spool import SpoolDelivery, run_spool_dir, spool_root_for, spooled_entries, writer_dirs
@@ -99,26 +99,19 @@ def deliver_leftovers(client: MlflowClient, timeout: float, echo: Callable[[str]
 
     A run whose artifact location the server names where we must not write (``store.check_artifact_location``)
     gets nothing delivered: its spool stays, it is ended FAILED unless a live process still writes it, and the
-    refusal is the report's first failure. A run the server does not answer for (away, stalling) keeps its spool,
-    counted pending, and so do the runs after it: each look-up would wait as long again."""
+    refusal is the report's first failure. A run the server does not answer for (away, stalling) until ``timeout``
+    keeps its spool, counted pending."""
     client = checked(client)
     root = spool_root_for(client.tracking_uri)
     report = SpoolDelivery() if report is None else report
     if not root.is_dir():
         return report
-    timeout_at, away = time.monotonic() + timeout, False
+    timeout_at = time.monotonic() + timeout
     for run_id in dict.fromkeys(run_id for _, run_id in writer_dirs(root)):
         run_dir = run_spool_dir(root, run_id)
-        if away or time.monotonic() >= timeout_at:
+        if not _answers_for(client, run_id, timeout_at):  # away until the deadline: the spool waits for it
             report.pending += spooled_entries(run_dir)
             continue
-        try:
-            client.get_run(run_id)  # (an outage here is not "no such run": the spool waits for the server)
-        except Exception as error:  # noqa: BLE001 - classified: only an outage keeps the spool untouched
-            if is_transient(error):
-                away = True
-                report.pending += spooled_entries(run_dir)
-                continue
         try:
             client.artifact_repository(run_id)
         except TrackingError as refusal:
@@ -128,6 +121,23 @@ def deliver_leftovers(client: MlflowClient, timeout: float, echo: Callable[[str]
         deliver_spool(client, run_dir, timeout=max(0.0, timeout_at - time.monotonic()), echo=echo or _stderr_line,
                       report=report)
     return report
+
+
+def _answers_for(client: MlflowClient, run_id: str, deadline: float) -> bool:
+    """Whether the server answers a look-up of ``run_id`` before ``deadline`` (monotonic), retried with back-off
+    while it is away. Its answer may be a refusal ("no such run"): the caller's next look-up words that. An outage
+    is never reported as "no such run"."""
+    backoff = BACKOFF_START_S
+    while time.monotonic() < deadline:
+        try:
+            client.get_run(run_id)
+            return True
+        except Exception as error:  # noqa: BLE001 - classified: only an outage is retried
+            if not is_transient(error):
+                return True
+        time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+        backoff = min(backoff * 2, BACKOFF_MAX_S)
+    return False
 
 
 class SyncTimedOut(TrackingError):
