@@ -218,6 +218,11 @@ class _StallingApi(BaseHTTPRequestHandler):
             self.wfile.write(b"OK")
             return
         self.server.first_api_request = self.server.first_api_request or time.monotonic()
+        if getattr(self.server, "unavailable", False):  # answer at once: 503, as a proxy whose backend is down
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.server.release.wait()
 
     do_POST = do_GET
@@ -284,3 +289,28 @@ def test_a_database_stores_spool_is_named_without_its_password(tmp_path, monkeyp
     one = spool_root_for("postgresql://alice:first@db.lab:5432/mlflow?password=first")
     assert one == spool_root_for("postgresql://alice:second@db.lab:5432/mlflow")
     assert one != spool_root_for("postgresql://alice:first@db.lab:5432/other")
+
+
+def test_sync_retries_a_run_look_up_while_the_server_is_away_and_never_calls_the_run_missing(
+        tmp_path, monkeypatch, no_retries):
+    """/health answers, the API answers 503: each run look-up is retried until --timeout, then the spool is counted
+    pending (the server is away), not "no MLflow run"."""
+    from grokking_tracked.tracking.runs import sync
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StallingApi)
+    server.daemon_threads, server.first_api_request, server.release = True, None, threading.Event()
+    server.unavailable = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("GROKKING_TRACKED_SPOOL", str(tmp_path / "spool"))
+    writer = leftover_spool("b" * 32, spool_root_for(uri), [10, 20, 30])
+    try:
+        started = time.monotonic()
+        report = sync(uri, 3, echo=lambda line: None)
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report.pending == 3 and report.delivered == 0 and not report.failed, report
+    assert 3 <= took < 3 + 10, took
+    assert len(entries(writer)) == 3
