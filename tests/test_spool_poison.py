@@ -182,9 +182,11 @@ def test_a_spool_made_read_only_mid_run_ends_the_run_failed_in_one_line(tmp_path
          "--tracking-uri", uri], cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1", "GROKKING_TORCH_THREADS": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        started = process.stderr.readline()
-        assert "started MLflow run" in started, started + process.stderr.read()
-        run_id = started.split()[-1]
+        before = []  # (the CLI prints nothing else first; read on until the line, so a notice cannot break it)
+        while "started MLflow run" not in (line := process.stderr.readline()):
+            assert line, "".join(before) + process.stderr.read()
+            before.append(line)
+        run_id = line.split()[-1]
         client = MlflowClient(uri)
         deadline = time.monotonic() + 120
         while not client.get_metric_history(run_id, "loss/train"):  # training and delivering
