@@ -32,6 +32,11 @@ class UserError(Exception):
     It lives here because config.py imports nothing heavy: the CLI can catch it without loading torch."""
 
 
+class TrainingStopped(Exception):
+    """Raised by a callback to end training on purpose before its budget (e.g. a pruned Optuna trial). Here, beside
+    the user-facing errors, so the tracking layer can catch it without importing training (and torch)."""
+
+
 class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; its message is one line fit for stderr."""
 

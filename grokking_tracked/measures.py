@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from .analysis import fourier
+from . import fourier
 
 PROGRESS_METRICS = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm",
                     "n_key_frequencies")

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError
+from .checkpoints import CHECKPOINT_FORMAT, checkpoint_state  # noqa: F401 - their home is the core module
+from .config import Config, ConfigError, TrainingStopped  # noqa: F401 - beside the user-facing errors
 from .data import MinibatchSampler, ModularData, curriculum_order, make_dataset, sampler_seed
 from .detect import GrokDetector
 from . import fastpath
@@ -28,7 +29,6 @@ from .metrics import EVAL_METRICS, cross_entropy_high_precision, split_metrics, 
 from .model import GrokkingTransformer
 from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
 
-CHECKPOINT_FORMAT = 1
 THREADS_ENV = "GROKKING_TORCH_THREADS"
 # Why a training ended: it generalised (and trained its stop margin), it used its step budget, or a callback
 # stopped it on purpose (TrainingStopped, e.g. a pruned Optuna trial; lockstep members only: Trainer raises).
@@ -116,10 +116,6 @@ def torch_threads(threads: int | None):
             torch.set_num_threads(before)
 
 
-class TrainingStopped(Exception):
-    """Raised by a callback to end training on purpose before its budget (e.g. a pruned Optuna trial)."""
-
-
 class TrainingState(Protocol):
     """What callbacks see of a training: a ``Trainer``, or one member of a ``LockstepTrainer``."""
 
@@ -189,21 +185,6 @@ def checkpoint_reasons(config: Config, step: int, events: list[dict], final: boo
     if final:
         reasons.append("final")
     return reasons
-
-
-def checkpoint_state(config: Config, step: int, model: torch.nn.Module, optimizer_state: dict,
-                     detector: GrokDetector, scheduler_state: dict | None = None,
-                     grokfast_ema: list[torch.Tensor] | None = None,
-                     sampler_state: dict | None = None) -> dict[str, Any]:
-    """One checkpoint: everything needed to continue bit-for-bit; only tensors and plain containers, so it loads
-    with ``torch.load(weights_only=True)``. Written by Trainer and LockstepTrainer alike."""
-    return {
-        "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "step": step, "model": model.state_dict(),
-        "optimizer": optimizer_state, "scheduler": scheduler_state, "detector": detector.state(),
-        "grokfast_ema": grokfast_ema, "sampler": sampler_state,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []},
-    }
 
 
 class Trainer:

@@ -12,7 +12,8 @@ import torch
 
 from grokking_tracked.analysis import (CheckpointError, analyze_checkpoints, find_checkpoints, load_checkpoint,
                                        model_from_checkpoint)
-from grokking_tracked.analysis import algorithm, fourier
+from grokking_tracked import fourier
+from grokking_tracked.analysis import algorithm
 from grokking_tracked.analysis.plots import compare_runs_figure
 from grokking_tracked.config import preset
 from grokking_tracked.train import Callback, Trainer

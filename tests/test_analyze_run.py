@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import free_port, run_cli
-from grokking_tracked.analysis.fourier import key_frequencies
+from grokking_tracked.fourier import key_frequencies
 from grokking_tracked.config import preset
 from grokking_tracked.tracking import ensure_experiment, run_experiment
 

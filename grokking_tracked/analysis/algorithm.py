@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import fourier
+from .. import fourier
 
 GRADIENT_TRIPLES = 1000
 GRADIENT_SEED = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..figures import EVENT_STYLE, SPLIT_COLORS, colors, mark_events, new_figure, save_figure, styled
-from .fourier import FLOOR_RATIO
+from ..fourier import FLOOR_RATIO
 
 LINE_STYLES = ("-", "--", ":")
 PROGRESS_PANELS = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm")

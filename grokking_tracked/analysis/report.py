@@ -21,8 +21,9 @@ from ..data import make_dataset
 from ..detect import GrokDetector, detect_events
 from .. import figures as run_figures
 from ..measures import ProgressMeasures
-from . import algorithm, fourier, mechanics, plots
-from .checkpoints import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from .. import fourier
+from . import algorithm, mechanics, plots
+from ..checkpoints import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 
 SUMMARY_VERSION = 2
 DROP_RULE = ("drop step of a series = first step, at or after its maximum, where it is <= drop_fraction x that "

@@ -17,6 +17,7 @@ import torch
 from mlflow.entities import Metric
 
 from .. import figures
+from ..checkpoints import checkpoint_name
 from ..train import Callback, TrainingState, TrainResult
 from .drawer import FigureDrawer
 from .models import model_reasons
@@ -29,10 +30,6 @@ KEY_FREQUENCIES_TAG = "grokking_tracked.key_frequencies"  # the live progress me
 KEY_FREQUENCIES_STEP_TAG = "grokking_tracked.key_frequencies_step"
 GROKKED_TAG = "grokked"
 FIGURES_DIR = "figures"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}.pt"
 
 
 class MlflowTracker(Callback):
