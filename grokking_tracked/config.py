@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .detect import EVENTS, stop_events  # pure Python: the event registry
+
 OPERATIONS = ("add", "sub", "mul", "div")
 LR_SCHEDULES = ("constant", "warmup", "cyclic", "plateau")
 WD_SCHEDULES = ("constant", "linear", "cosine")
@@ -23,7 +25,7 @@ OPTIMIZERS = ("adamw", "adam")
 # and trials trained in one lockstep stack must share them (and attention_rate, which changes the forward, not a shape).
 TASK_FIELDS = ("p", "operation")
 MODEL_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp", "normalization", "attention_rate")
-STOP_EVENTS = ("generalization", "cleanup_end")  # what stop_after may name
+STOP_EVENTS = stop_events()  # what stop_after may name: the events registered with can_stop (detect.EVENTS)
 
 
 class UserError(Exception):
@@ -177,7 +179,7 @@ class Config:
                 raise ConfigError(message)
 
         for name, options in (("operation", OPERATIONS), ("lr_schedule", LR_SCHEDULES), ("wd_schedule", WD_SCHEDULES),
-                              ("normalization", NORMALIZATIONS), ("stop_after", STOP_EVENTS),
+                              ("normalization", NORMALIZATIONS), ("stop_after", stop_events()),
                               ("activation", ACTIVATIONS), ("optimizer", OPTIMIZERS)):
             need(getattr(self, name) in options,
                  f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(options)}")
@@ -197,8 +199,8 @@ class Config:
                  f"{self.lr:g} x {getattr(self, decay):g}")
         # A curriculum grows a prefix of an ordered set; an epoch's shuffle would undo that order.
         need(not (self.curriculum and self.batch_size), "curriculum and batch_size > 0 cannot be combined")
-        need(self.stop_after != "cleanup_end" or self.progress_every > 0,
-             "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
+        need(not EVENTS[self.stop_after].needs_progress or self.progress_every > 0,
+             f"stop_after = {self.stop_after} needs the progress measures (progress_every > 0)")
         need(isinstance(self.device, str) and (self.device in DEVICES or
                                                (self.device.startswith("cuda:") and self.device[5:].isdigit())),
              f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")

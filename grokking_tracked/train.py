@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoints import CHECKPOINT_FORMAT, checkpoint_state  # noqa: F401 - their home is the core module
 from .config import Config, ConfigError, TrainingStopped  # noqa: F401 - beside the user-facing errors
 from .data import MinibatchSampler, ModularData, curriculum_order, make_dataset, sampler_seed
-from .detect import GrokDetector
+from .detect import GrokDetector, detector_for, step_of
 from . import fastpath
 from .measures import ProgressMeasures
 from .metrics import EVAL_METRICS, cross_entropy_high_precision, split_metrics, weight_and_grad_norms
@@ -157,15 +157,14 @@ class TrainResult:
     stop_reason: str  # one of STOP_REASONS
 
     def step_of(self, event: str) -> int | None:
-        return next((e["step"] for e in self.events if e["event"] == event), None)
+        return step_of(self.events, event)
 
     @property
     def grokked(self) -> bool:
         return self.step_of("generalization") is not None
 
 
-def make_detector(config: Config) -> GrokDetector:
-    return GrokDetector(config.memorization_threshold, config.generalization_threshold, config.onset_loss_drop)
+make_detector = detector_for  # the one config -> detector mapping lives beside the events (detect.py)
 
 
 def planned_stop(config: Config, detector: GrokDetector) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..figures import EVENT_STYLE, SPLIT_COLORS, colors, mark_events, new_figure, save_figure, styled
+from ..figures import SPLIT_COLORS, event_style, colors, mark_events, new_figure, save_figure, styled
 from ..fourier import FLOOR_RATIO
 
 LINE_STYLES = ("-", "--", ":")
@@ -56,8 +56,7 @@ def _event_legend(fig: Figure, events: Sequence[dict]) -> None:
     if events:
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], color=EVENT_STYLE.get(e["event"], ("gray", "--"))[0],
-                          linestyle=EVENT_STYLE.get(e["event"], ("gray", "--"))[1],
+        handles = [Line2D([], [], color=event_style(e["event"])[0], linestyle=event_style(e["event"])[1],
                           label=f"{e['event'].replace('_', ' ')} @ {e['step']:,}") for e in events]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
 

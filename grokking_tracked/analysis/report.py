@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import make_dataset
-from ..detect import GrokDetector, detect_events
+from ..detect import GrokDetector, detect_events, phase_events, step_of
 from .. import figures as run_figures
 from ..measures import ProgressMeasures
 from .. import fourier
@@ -31,7 +31,6 @@ DROP_RULE = ("drop step of a series = first step, at or after its maximum, where
              "smaller than test loss's (from the history when given, else from the checkpoints)")
 # Nanda et al. 2023, main run (p = 113, 30 % of pairs, full batch, AdamW lr 1e-3 wd 1): phase boundaries in steps.
 PAPER_PHASES = {"memorization_end": 1400, "circuit_formation_end": 9400, "cleanup_end": 14000}
-PHASE_EVENTS = ("memorization", "circuit_formation", "cleanup", "generalization", "cleanup_end")
 
 History = list[tuple[int, Mapping[str, float]]]
 # Per-checkpoint measures that analyze logs as metrics at the checkpoint's step (as analysis/<name>).
@@ -232,19 +231,16 @@ def _events(records: list[dict], history: History | None, events: list[dict] | N
             row.setdefault(key, record[key])
     source = "history" if logged_live else ("history+checkpoints" if history else "checkpoints")
     usable = [(s, m) for s, m in sorted(timeline.items()) if {"train_acc", "test_acc", "test_loss"} <= set(m)]
-    return detect_events(usable, **_thresholds(config)), source
-
-
-def _thresholds(config) -> dict:
-    return dict(memorization_threshold=config.memorization_threshold,
-                generalization_threshold=config.generalization_threshold, onset_loss_drop=config.onset_loss_drop)
+    return detect_events(usable, config), source
 
 
 def _phases(events: list[dict], source: str) -> dict:
-    """The phase boundaries found, whether they come in the paper's order, and the paper's for comparison."""
-    steps = {e["event"]: e["step"] for e in events}
-    m, c, k, g, e = (steps.get(name) for name in PHASE_EVENTS)
+    """The phase boundaries found (the events registered with ``phase``), whether they come in the paper's order,
+    and the paper's for comparison."""
+    steps = {name: step_of(events, name) for name in phase_events()}
+    m, c, k, g, e = (steps.get(name) for name in ("memorization", "circuit_formation", "cleanup", "generalization",
+                                                    "cleanup_end"))
     in_order = None if None in (m, c, k, g, e) else m < c <= k <= e and c < g <= e
-    return {"source": source, "rule": GrokDetector().rule, **{name: steps.get(name) for name in PHASE_EVENTS},
+    return {"source": source, "rule": GrokDetector().rule, **steps,
             "order": "memorization < circuit_formation <= cleanup <= cleanup_end, circuit_formation < "
                      "generalization <= cleanup_end", "in_order": in_order, "paper": PAPER_PHASES}
