@@ -174,6 +174,7 @@ def attention_grid(model, p: int, layer: int = 0):
     read from ``blocks.{layer}.attn.hook_pattern`` with ``run_with_cache``."""
     import torch
     from einops import rearrange
+    from transformer_lens.utilities import get_act_name
 
     from .data import all_pairs
 
@@ -183,8 +184,8 @@ def attention_grid(model, p: int, layer: int = 0):
         # last_only: only the "=" position's queries are computed in the last block (the pattern is the same;
         # on p = 59 the grid costs a third of a full forward, paid per trial on a study worker's critical path)
         _, cache = model.run_with_cache(tokens.to(device), last_only=True,
-                                        names_filter=f"blocks.{layer}.attn.hook_pattern")
-    to_a = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
+                                        names_filter=get_act_name("pattern", layer))
+    to_a = cache[get_act_name("pattern", layer)][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
     return rearrange(to_a, "(a b) head -> head a b", a=p, b=p).numpy()
 
 

@@ -76,3 +76,42 @@ def test_a_toy_event_becomes_a_logged_model(toy_event, local_store):
                                          filter_string=f"source_run_id = '{outcome.run_id}'")
     by_event = {m.tags["grokking_tracked.event"]: m for m in models}
     assert "toy" in by_event and by_event["toy"].tags["grokking_tracked.step"] == "20"
+
+
+# ---------------------------------------------------------------------------------------------- measures
+def mlp_active(given):
+    """A toy measure: the fraction of MLP neurons active at "=" over every pair (reads one declared hook)."""
+    from transformer_lens.utilities import get_act_name
+
+    post = given.cache[get_act_name("post", 0)]  # (p², 3, d_mlp)
+    assert post.shape[0] == given.logits.shape[0] == given.model.config.p ** 2
+    return {"toy_active": float((post[:, -1] > 0).float().mean())}
+
+
+@pytest.fixture
+def toy_measure(monkeypatch):
+    from transformer_lens.utilities import get_act_name
+
+    from grokking_tracked.measure_registry import MEASURES, Measure
+
+    measure = Measure("toy", ("toy_active",), mlp_active, hooks=(get_act_name("post", 0),), live=True,
+                      description="active MLP neurons at '='")
+    monkeypatch.setitem(MEASURES, "toy", measure)
+    return measure
+
+
+def test_a_toy_measure_reaches_the_run_metrics_live_and_through_analyze(toy_measure, local_store):
+    from grokking_tracked.tracking import analyze_run, run_experiment
+
+    config = Config(**{**TINY, "checkpoint_every": 20}, progress_every=10, stop_on_grok=False)
+    outcome = run_experiment(config, tracking_uri=local_store, experiment="toy-measure", progress=False)
+    client = MlflowClient(local_store)
+    live = client.get_metric_history(outcome.run_id, "progress/toy_active")  # live: at every progress reading
+    assert sorted(m.step for m in live) == [0, 10, 20, 30, 40] and all(0 <= m.value <= 1 for m in live)
+
+    summary = analyze_run(outcome.run_id, tracking_uri=local_store, progress=False)
+    assert summary["measures"]["toy"] == ["toy_active"]
+    logged = client.get_metric_history(outcome.run_id, "analysis/toy_active")  # per checkpoint, from analyze
+    assert sorted(m.step for m in logged) == [0, 20, 40]
+    files = {info.path.rsplit("/", 1)[-1] for info in client.list_artifacts(outcome.run_id, summary["analysis_path"])}
+    assert "toy.png" in files and "toy.png" in summary["figures"]

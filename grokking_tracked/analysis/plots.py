@@ -242,6 +242,21 @@ def weights_figure(records) -> Figure:
     return fig
 
 
+@styled
+def measure_figure(records, measure) -> Figure:
+    """A registered measure's default figure (``measure_registry.Measure.figure`` None): each of its metrics over
+    the checkpoints, one panel each."""
+    names = list(measure.metrics)
+    fig, axes = new_figure(1, len(names), figsize=(4.6 * len(names), 3.8))
+    for ax, name in zip(axes[0], names):
+        points = [(r["step"], r.get(name)) for r in records]
+        points = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", markersize=3)
+        ax.set(xlabel="checkpoint step", ylabel=name.replace("_", " "), title=name.replace("_", " "))
+    fig.suptitle(f"{measure.name}: {measure.description}" if measure.description else measure.name)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- compare
 @styled
 def compare_runs_figure(runs: Mapping[str, Sequence[tuple[int, Mapping]]], progress: Mapping[str, dict] | None = None,
