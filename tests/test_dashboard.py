@@ -93,5 +93,6 @@ def test_two_objectives_are_named_in_order_and_no_pruner_says_so(tmp_path):
 
 
 def test_a_tracking_server_serves_the_run_pages_itself():
-    assert run_page_url("http://10.0.0.5:5001/", "7", "abc") == "http://10.0.0.5:5001/#/experiments/7/runs/abc"
-    assert run_page_url("sqlite:///x/mlflow.db", "7", "abc") == "http://127.0.0.1:5000/#/experiments/7/runs/abc"
+    view = "?workflowType=machine_learning"  # MLflow 3.17's model-training view, not the GenAI one
+    assert run_page_url("http://10.0.0.5:5001/", "7", "abc") == "http://10.0.0.5:5001/#/experiments/7/runs/abc" + view
+    assert run_page_url("sqlite:///x/mlflow.db", "7", "abc") == "http://127.0.0.1:5000/#/experiments/7/runs/abc" + view
