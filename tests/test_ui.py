@@ -196,13 +196,13 @@ def test_the_models_tab_lists_the_checkpoints_as_models_in_the_model_training_vi
     assert not [word for word in GENAI_ONLY if word in text], text[:3000]
 
 
-def test_the_experiment_and_a_run_page_open_in_the_model_training_view(browser, ui, store, tmp_path):
-    """The experiment itself (its mlflow.experimentKind tag decides where #/experiments/N lands) and a run's page
-    from our link: no GenAI navigation."""
+def test_a_run_page_from_our_link_opens_in_the_model_training_view(browser, ui, store, tmp_path):
+    """``ExperimentResult.run_url`` (and the study's trial links) carry workflowType: no GenAI navigation. (MLflow
+    3.17 reads the view from that parameter, else from the browser's last choice of the sidebar switch, GenAI by
+    default; the experiment's mlflow.experimentKind tag is not read while that switch exists.)"""
     _, _, outcome, _ = store
-    base = ui.split("#", 1)[0].rstrip("/")
-    for url, wanted in ((f"{base}/#/experiments/{outcome.experiment_id}", "ui-check-run"),
-                        (outcome.run_url(base), "ui-check-run")):
-        text = rendered(browser, url, tmp_path / "profile", wanted)
-        assert wanted in text, (url, text[:3000])
-        assert not [word for word in GENAI_ONLY if word in text], (url, text[:3000])
+    url = outcome.run_url(ui.split("#", 1)[0].rstrip("/"))
+    assert url.endswith(f"/runs/{outcome.run_id}?workflowType=machine_learning"), url
+    text = rendered(browser, url, tmp_path / "profile", "ui-check-run", "Model metrics")
+    assert "ui-check-run" in text and "Model metrics" in text, (url, text[:3000])
+    assert not [word for word in GENAI_ONLY if word in text], (url, text[:3000])
