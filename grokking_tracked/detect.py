@@ -118,8 +118,11 @@ def step_of(events: Iterable[Mapping] | None, name: str) -> int | None:
 def detector_for(config) -> "GrokDetector":
     """The one config -> detector mapping: every detector threshold that the config has a field of the same name
     for (``memorization_threshold``, ``generalization_threshold``, ``onset_loss_drop``, ...)."""
-    return GrokDetector(**{f.name: getattr(config, f.name) for f in fields(GrokDetector)
-                           if f.init and not f.name.startswith("_") and f.name != "events" and hasattr(config, f.name)})
+    tunable = [f.name for f in fields(GrokDetector) if not f.name.startswith("_") and f.name not in _DETECTOR_STATE]
+    return GrokDetector(**{name: getattr(config, name) for name in tunable if hasattr(config, name)})
+
+
+_DETECTOR_STATE = ("events", "rule_state")
 
 
 @dataclass

@@ -4,7 +4,8 @@ imported before training or ``analyze``):
 
 - ``analyze`` computes it at every checkpoint (``analysis/report.py``), stores its values in ``summary.json``'s
   ``checkpoints`` records and draws its figure (``<name>.png`` in the run's ``analysis/<n>/``);
-- reanalysis logs each of its ``metrics`` as ``analysis/<metric>`` at the checkpoint's step (``tracking/reanalysis.py``);
+- reanalysis logs each of its ``metrics`` as ``analysis/<metric>`` at the checkpoint's step
+  (``tracking/reanalysis.py``);
 - with ``live=True`` training computes it too, at every progress reading (``progress_every``), and the run logs it
   as ``progress/<metric>`` beside Nanda et al.'s measures (``measures.py``).
 

@@ -81,7 +81,8 @@ def edges(where, what, top_only: bool = False) -> list[str]:
 
 
 def test_the_graph_is_read():
-    assert {"grokking_tracked.train", "grokking_tracked.analysis.report", "grokking_tracked.tracking.runs"} <= set(GRAPH)
+    assert {"grokking_tracked.train", "grokking_tracked.analysis.report", "grokking_tracked.tracking.runs"} <= set(
+        GRAPH)
     assert ("grokking_tracked.detect", True) in GRAPH["grokking_tracked.train"]
     assert ("grokking_tracked.fourier", True) in GRAPH["grokking_tracked.measures"]  # `from . import fourier`
 
@@ -118,7 +119,7 @@ def test_no_import_circle_at_import_time():
 
 
 @pytest.mark.xfail(strict=True, reason="tracking/store.py <-> tracking/artifacts.py import each other inside "
-                                       "functions: issue 28 item 4 (the tracking split) removes it; then drop this mark")
+                   "functions: issue 28 item 4 (the tracking split) removes it; then drop this mark")
 def test_no_import_circle_even_inside_functions():
     assert circles(top_only=False) == []
 

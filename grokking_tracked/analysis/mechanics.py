@@ -54,7 +54,7 @@ def activation_stats(cache) -> dict[str, dict[str, float]]:
     stats = {}
     for name in cache.keys():
         x = cache[name].detach()
-        finite = torch.isfinite(x) if name.endswith(get_act_name("attn_scores", 0).rsplit(".", 1)[-1]) else None  # only masked scores are ±inf
+        finite = torch.isfinite(x) if name.endswith("hook_attn_scores") else None  # only masked scores are ±inf
         if finite is not None:
             x = torch.where(finite, x, 0.0)
             count = int(finite.sum())
