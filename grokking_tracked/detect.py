@@ -25,7 +25,7 @@ Nanda et al. 2023's phases, from the live progress measures (``measures.py``; ev
   its maximum since memorisation and the test loss is below its own maximum: weight decay now shrinks the
   memorising solution and test loss has turned (both peak together in the paper's run, at ~1.4k).
 - ``cleanup``: after circuit formation, key frequencies stand out of the embedding's Fourier spectrum
-  (``n_key_frequencies`` >= 1, ``analysis.fourier.KEY_RULE``) in ``phase_confirm`` consecutive readings: weight
+  (``n_key_frequencies`` >= 1, ``fourier.KEY_RULE``) in ``phase_confirm`` consecutive readings: weight
   decay has removed enough of the other frequencies for the circuit's to stand 3x above the floor. It fires
   at the confirming reading (``from_step``: the first).
 - ``cleanup_end``: after clean-up and generalisation, the Gini coefficients of W_E and W_L (the sparsity of

@@ -38,6 +38,7 @@ def supports(model: torch.nn.Module) -> bool:
         return False
     params = list(model.parameters())
     return (model.config.n_layers == 1 and model.config.normalization == "none" and model.config.activation == "relu"
+            and model.config.loss == "softmax"  # its backward is the float64 softmax cross-entropy's
             and model.config.attention_rate == 1  # its backward is softmax's; a blended pattern is autograd's
             and params[0].dtype in (torch.float32, torch.float64)
             and all(p.requires_grad and p.dtype == params[0].dtype for p in params))

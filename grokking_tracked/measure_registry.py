@@ -39,6 +39,12 @@ class MeasureInput:
     grid: Any  # fourier.TaskGrid of the task
     keys: list[int] = field(default_factory=list)  # the key frequencies (analyze: the last checkpoint's)
     step: int | None = None
+    train_rows: Any = None  # indices of the training pairs among the rows (a * p + b)
+
+    @property
+    def train_logits(self):
+        """(n_train, p) logits of the training pairs (e.g. a softmax-collapse fraction over the training set)."""
+        return self.logits[self.train_rows]
 
     @property
     def grid_logits(self):

@@ -40,6 +40,7 @@ class ProgressMeasures:
     def __init__(self, p: int, operation: str, train_tokens: torch.Tensor, device: torch.device | str = "cpu"):
         self.grid = fourier.TaskGrid.build(p, operation, train_tokens, device)
         self.pair_tokens = all_pairs(p, "add")[0].to(device)  # every (a, b) row-major (all p², whatever the task)
+        self.train_rows = (train_tokens[:, 0] * p + train_tokens[:, 1]).to(device)
         self._residues = torch.tensor(self.grid.view.residues, device=device)
         self.key_frequencies: list[int] = []
 
@@ -92,6 +93,7 @@ class ProgressMeasures:
         if not selected:
             return {}
         logits, cache = model.run_with_cache(self.pair_tokens, names_filter=list(hooks_of(selected)))
-        values = compute_all(selected, MeasureInput(model, None, logits[:, -1], cache, self.grid, keys))
+        values = compute_all(selected, MeasureInput(model, None, logits[:, -1], cache, self.grid, keys,
+                                                    train_rows=self.train_rows))
         return {name: float(value) for name, value in values.items()
                 if name in {m for measure in selected for m in measure.metrics} and value is not None}

@@ -28,6 +28,7 @@ from .measures import ProgressMeasures
 from .metrics import EVAL_METRICS, cross_entropy_high_precision, split_metrics, weight_and_grad_norms
 from .model import GrokkingTransformer
 from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
+from .stability import STABILITY_METRICS, per_example_loss, stability_measures
 
 THREADS_ENV = "GROKKING_TORCH_THREADS"
 # Why a training ended: it generalised (and trained its stop margin), it used its step budget, or a callback
@@ -198,7 +199,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.threads = threads if threads is not None else default_threads(self.device)
         self.data = (data or make_dataset(config)).to(self.device)
-        self.model = GrokkingTransformer(config).to(self.device)
+        self.model = GrokkingTransformer(config).to(self.device, getattr(torch, config.dtype))
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.detector = make_detector(config)
@@ -225,6 +226,12 @@ class Trainer:
         self._graph_capture_at = self._cuda_graph_start() if os.environ.get("GROKKING_CUDA_GRAPH") == "1" else None
 
     # ------------------------------------------------------------------ one step, one evaluation
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``config.loss`` (stability.py); the default is the float64 softmax cross-entropy."""
+        if self.config.loss == "softmax":
+            return cross_entropy_high_precision(logits, labels)
+        return per_example_loss(logits, labels, self.config.loss).mean()
+
     def active_train_examples(self, step: int) -> int:
         if not self.config.curriculum:
             return self._n_train
@@ -253,7 +260,7 @@ class Trainer:
                 group["capturable"] = True  # fused AdamW keeps its step counters on the device already
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                loss = cross_entropy_high_precision(self.model(self._train_tokens, last_only=True), self._train_labels)
+                loss = self.loss(self.model(self._train_tokens, last_only=True), self._train_labels)
                 loss.backward()
                 self.optimizer.step()
             self._graph, self._graph_loss = graph, loss
@@ -293,7 +300,7 @@ class Trainer:
         if fastpath.enabled() and fastpath.supports(self.model):
             loss = fastpath.loss_and_grads(self.model, tokens, labels)  # same gradients, ~0.6x the CPU time
         else:
-            loss = cross_entropy_high_precision(self.model(tokens, last_only=True), labels)
+            loss = self.loss(self.model(tokens, last_only=True), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if self.grokfast is not None:
@@ -308,15 +315,21 @@ class Trainer:
         return loss
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss and accuracy on the whole train and test sets, weight and last-gradient norms: one host sync."""
+    def evaluate(self, stability: bool = False) -> dict[str, float]:
+        """Loss and accuracy on the whole train and test sets, weight and last-gradient norms: one host sync.
+        ``stability``: also the STABILITY_METRICS, from the same logits (the training pairs come first) and the
+        last step's gradients, in the same sync."""
         if fastpath.enabled() and fastpath.supports(self.model):  # the same logits, no autograd bookkeeping
             logits = fastpath.last_logits(self.model, self._eval_tokens)
         else:
             logits = self.model(self._eval_tokens, last_only=True)
-        values = torch.cat([split_metrics(logits, self._eval_labels, self._eval_train_mask),
-                            weight_and_grad_norms(list(self.model.parameters()))]).tolist()
-        metrics = dict(zip(EVAL_METRICS, values))
+        parameters = list(self.model.parameters())
+        parts = [split_metrics(logits, self._eval_labels, self._eval_train_mask), weight_and_grad_norms(parameters)]
+        if stability:
+            parts.append(stability_measures(logits[: self._n_train], parameters,
+                                            getattr(self.optimizer, "last_nlm_cosine", None)))
+        values = torch.cat(parts).tolist()
+        metrics = dict(zip(EVAL_METRICS + (STABILITY_METRICS if stability else ()), values))
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
@@ -350,8 +363,10 @@ class Trainer:
             getattr(callback, name)(self, *args)
 
     def _evaluate_and_emit(self) -> list[dict]:
-        metrics = self.evaluate()
-        if self.progress_measures is not None and self.step % self.config.progress_every < self.config.eval_every:
+        progress_due = (self.progress_measures is not None
+                        and self.step % self.config.progress_every < self.config.eval_every)
+        metrics = self.evaluate(stability=progress_due)
+        if progress_due:
             metrics.update(self.progress_measures(self.model))
         self.history.append((self.step, metrics))
         events = self.detector.update(self.step, metrics)

@@ -108,7 +108,8 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         logits, cache = mechanics.forward_with_cache(model, config.p)
         last = logits[:, -1]  # (p·p, p), row a·p + b
         reading = measures.read(model, keys=keys, logits=last[grid_index])
-        extra = compute_all(selected, MeasureInput(model, config, last, cache, measures.grid, keys, step))
+        extra = compute_all(selected, MeasureInput(model, config, last, cache, measures.grid, keys, step,
+                                                   train_rows=train_index))
         grid = mechanics.attention_from_equals(cache, config.p)
         if i in heatmap_at:
             heatmaps[step] = grid
