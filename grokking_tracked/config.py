@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .detect import EVENTS, stop_events  # pure Python: the event registry
+
 OPERATIONS = ("add", "sub", "mul", "div")
 LR_SCHEDULES = ("constant", "warmup", "cyclic", "plateau")
 WD_SCHEDULES = ("constant", "linear", "cosine")
@@ -28,13 +30,18 @@ DTYPES = ("float32", "float64")  # the model's parameters and activations (their
 # and trials trained in one lockstep stack must share them (and attention_rate, which changes the forward, not a shape).
 TASK_FIELDS = ("p", "operation")
 MODEL_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp", "normalization", "attention_rate")
-STOP_EVENTS = ("generalization", "cleanup_end")  # what stop_after may name
+STOP_EVENTS = stop_events()  # what stop_after may name: the events registered with can_stop (detect.EVENTS)
 
 
 class UserError(Exception):
     """Base of every error a user can cause and fix; the CLI prints its message as one line.
 
     It lives here because config.py imports nothing heavy: the CLI can catch it without loading torch."""
+
+
+class TrainingStopped(Exception):
+    """Raised by a callback to end training on purpose before its budget (e.g. a pruned Optuna trial). Here, beside
+    the user-facing errors, so the tracking layer can catch it without importing training (and torch)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -184,7 +191,7 @@ class Config:
                 raise ConfigError(message)
 
         for name, options in (("operation", OPERATIONS), ("lr_schedule", LR_SCHEDULES), ("wd_schedule", WD_SCHEDULES),
-                              ("normalization", NORMALIZATIONS), ("stop_after", STOP_EVENTS),
+                              ("normalization", NORMALIZATIONS), ("stop_after", stop_events()),
                               ("activation", ACTIVATIONS), ("optimizer", OPTIMIZERS), ("loss", LOSSES),
                               ("dtype", DTYPES)):
             need(getattr(self, name) in options,
@@ -211,8 +218,8 @@ class Config:
         need(not (self.dtype == "float64" and self.device == "mps"), "dtype float64 is not supported on device mps")
         need(not self.train_metrics_from_batches or self.batch_size > 0,
              "train_metrics_from_batches needs minibatches (batch_size > 0)")
-        need(self.stop_after != "cleanup_end" or self.progress_every > 0,
-             "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
+        need(not EVENTS[self.stop_after].needs_progress or self.progress_every > 0,
+             f"stop_after = {self.stop_after} needs the progress measures (progress_every > 0)")
         need(isinstance(self.device, str) and (self.device in DEVICES or
                                                (self.device.startswith("cuda:") and self.device[5:].isdigit())),
              f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")

@@ -18,9 +18,8 @@ import matplotlib
 from cycler import cycler
 from matplotlib.figure import Figure
 
-EVENT_STYLE = {"memorization": ("#E69F00", "--"), "onset": ("#CC79A7", ":"), "generalization": ("#009E73", "-."),
-               "circuit_formation": ("#56B4E9", (0, (5, 2, 1, 2))), "cleanup": ("#D55E00", (0, (1, 1))),
-               "cleanup_end": ("#7f7f7f", (0, (3, 1, 1, 1, 1, 1)))}
+from .detect import EVENTS
+
 SPLIT_COLORS = {"train": "#0072B2", "test": "#D55E00"}
 DPI = 110
 
@@ -115,9 +114,15 @@ def _series(history: Sequence[tuple[int, dict]], key: str, positive: bool = Fals
     return [s for s, _ in points], [v for _, v in points]
 
 
+def event_style(name: str) -> tuple[str, object]:
+    """(colour, line style) of an event, from its registry entry (``detect.EVENTS``); grey dashes if unknown."""
+    event = EVENTS.get(name)
+    return (event.color, event.linestyle) if event is not None else ("gray", "--")
+
+
 def mark_events(ax, events: Sequence[dict]) -> None:
     for event in events:
-        color, linestyle = EVENT_STYLE.get(event["event"], ("gray", "--"))
+        color, linestyle = event_style(event["event"])
         ax.axvline(event["step"], color=color, linestyle=linestyle, linewidth=1.2,
                    label=f"{event['event'].replace('_', ' ')} @ {event['step']:,}")
 
@@ -169,6 +174,7 @@ def attention_grid(model, p: int, layer: int = 0):
     read from ``blocks.{layer}.attn.hook_pattern`` with ``run_with_cache``."""
     import torch
     from einops import rearrange
+    from transformer_lens.utilities import get_act_name
 
     from .data import all_pairs
 
@@ -178,8 +184,8 @@ def attention_grid(model, p: int, layer: int = 0):
         # last_only: only the "=" position's queries are computed in the last block (the pattern is the same;
         # on p = 59 the grid costs a third of a full forward, paid per trial on a study worker's critical path)
         _, cache = model.run_with_cache(tokens.to(device), last_only=True,
-                                        names_filter=f"blocks.{layer}.attn.hook_pattern")
-    to_a = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
+                                        names_filter=get_act_name("pattern", layer))
+    to_a = cache[get_act_name("pattern", layer)][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
     return rearrange(to_a, "(a b) head -> head a b", a=p, b=p).numpy()
 
 

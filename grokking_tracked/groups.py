@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import Config
+from .detect import main_events, step_of
 
 CONFIG_GROUP_TAG = "grokking_tracked.config_group"
 # A configuration's seeds: model initialisation and the train/test split. Runs differing only here are one group.
@@ -28,7 +29,6 @@ RUNTIME_FIELDS = ("device", "max_steps", "stop_on_grok", "stop_margin", "stop_af
 GROUP_EXCLUDED_FIELDS = SEED_FIELDS + RUNTIME_FIELDS
 BANDS = {"iqr": (25.0, 75.0), "minmax": (0.0, 100.0)}  # percentiles of the band's edges
 BAND_LABELS = {"iqr": "interquartile range", "minmax": "min-max"}
-MAIN_EVENTS = ("memorization", "onset", "generalization")  # always in the table, reached or not
 
 
 def config_group(config: Config) -> str:
@@ -89,24 +89,22 @@ def aggregate(histories: Sequence[Sequence[tuple[int, Mapping]]], metric: str, b
 
 def event_steps(events: Sequence[Mapping] | None) -> dict[str, int]:
     """Each event's (first) step in one run's events list (``events.json``); None (no list) reached nothing."""
-    steps: dict[str, int] = {}
-    for event in events or ():
-        name, step = event.get("event"), event.get("step")
-        if isinstance(name, str) and isinstance(step, (int, float)) and name not in steps:
-            steps[name] = int(step)
-    return steps
+    names = dict.fromkeys(e.get("event") for e in events or () if isinstance(e, Mapping))
+    steps = {name: step_of(events, name) for name in names if isinstance(name, str)}
+    return {name: step for name, step in steps.items() if step is not None}
 
 
 def event_step_rows(groups: Mapping[str, Sequence[Sequence[Mapping] | None]]) -> list[dict]:
     """Per group and event: the median step over all the group's runs, a run that never reached the event counting
     as later than any step (so the median is None when half or more never did); the min and max over the runs that
     reached it; how many did (``reached``) of how many (``runs``). The main events always have a row; other events
-    appear where some run of any group reached them."""
+    appear where some run of any group reached them (main events: ``detect.main_events()``)."""
     per_run = {name: [event_steps(events) for events in runs] for name, runs in groups.items()}
-    others = sorted({event for runs in per_run.values() for steps in runs for event in steps} - set(MAIN_EVENTS))
+    main = main_events()
+    others = sorted({event for runs in per_run.values() for steps in runs for event in steps} - set(main))
     rows = []
     for name, runs in per_run.items():
-        for event in (*MAIN_EVENTS, *others):
+        for event in (*main, *others):
             reached = [steps[event] for steps in runs if event in steps]
             median = float(np.median(reached + [math.inf] * (len(runs) - len(reached)))) if runs else math.inf
             rows.append({"group": name, "event": event, "median": median if math.isfinite(median) else None,

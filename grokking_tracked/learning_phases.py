@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from .detect import step_of
+
 PHASES = ("comprehension", "grokking", "memorization", "confusion")
 # The phase diagram's colours (colour-blind safe, Okabe-Ito): the Goldilocks zone (comprehension, grokking) warm.
 PHASE_COLORS = {"comprehension": "#009E73", "grokking": "#E69F00", "memorization": "#0072B2", "confusion": "#999999"}
@@ -29,10 +31,6 @@ RULE = ("memorization/generalization = first evaluation with train/test accuracy
 
 def default_comprehension_delay(max_steps: int) -> int:
     return max_steps // 10
-
-
-def step_of(events: Iterable[Mapping], name: str) -> int | None:
-    return next((int(e["step"]) for e in events if e["event"] == name), None)
 
 
 def grokking_delay(events: Iterable[Mapping]) -> int | None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from .analysis import fourier
+from . import fourier
+from .data import all_pairs
+from .measure_registry import MeasureInput, compute_all, hooks_of, measures as registered_measures
 
 PROGRESS_METRICS = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm",
                     "n_key_frequencies")
@@ -37,6 +39,8 @@ class ProgressMeasures:
 
     def __init__(self, p: int, operation: str, train_tokens: torch.Tensor, device: torch.device | str = "cpu"):
         self.grid = fourier.TaskGrid.build(p, operation, train_tokens, device)
+        self.pair_tokens = all_pairs(p, "add")[0].to(device)  # every (a, b) row-major (all p², whatever the task)
+        self.train_rows = (train_tokens[:, 0] * p + train_tokens[:, 1]).to(device)
         self._residues = torch.tensor(self.grid.view.residues, device=device)
         self.key_frequencies: list[int] = []
 
@@ -79,4 +83,17 @@ class ProgressMeasures:
     def __call__(self, model) -> dict[str, float]:
         reading = self.read(model)
         self.key_frequencies = reading.key_frequencies
-        return reading.metrics
+        return {**reading.metrics, **self.live(model, reading.key_frequencies)}
+
+    @torch.no_grad()
+    def live(self, model, keys: list[int]) -> dict[str, float]:
+        """The registered live measures (``measure_registry``, ``live=True``) at this reading: one forward over
+        every pair caching only the hooks they declare; {} (and no forward) when none is registered."""
+        selected = registered_measures(live=True)
+        if not selected:
+            return {}
+        logits, cache = model.run_with_cache(self.pair_tokens, names_filter=list(hooks_of(selected)))
+        values = compute_all(selected, MeasureInput(model, None, logits[:, -1], cache, self.grid, keys,
+                                                    train_rows=self.train_rows))
+        return {name: float(value) for name, value in values.items()
+                if name in {m for measure in selected for m in measure.metrics} and value is not None}

@@ -19,9 +19,10 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError
+from .checkpoints import CHECKPOINT_FORMAT, checkpoint_state  # noqa: F401 - their home is the core module
+from .config import Config, ConfigError, TrainingStopped  # noqa: F401 - beside the user-facing errors
 from .data import MinibatchSampler, ModularData, curriculum_order, make_dataset, sampler_seed
-from .detect import GrokDetector
+from .detect import GrokDetector, detector_for, step_of
 from . import fastpath
 from .measures import ProgressMeasures
 from .metrics import (EVAL_METRICS, cross_entropy_high_precision, per_example_loss, split_metrics,
@@ -31,7 +32,6 @@ from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
 from .stability import STABILITY_METRICS, stability_measures
 from .stability import per_example_loss as loss_per_example
 
-CHECKPOINT_FORMAT = 1
 THREADS_ENV = "GROKKING_TORCH_THREADS"
 # Why a training ended: it generalised (and trained its stop margin), it used its step budget, or a callback
 # stopped it on purpose (TrainingStopped, e.g. a pruned Optuna trial; lockstep members only: Trainer raises).
@@ -119,10 +119,6 @@ def torch_threads(threads: int | None):
             torch.set_num_threads(before)
 
 
-class TrainingStopped(Exception):
-    """Raised by a callback to end training on purpose before its budget (e.g. a pruned Optuna trial)."""
-
-
 class TrainingState(Protocol):
     """What callbacks see of a training: a ``Trainer``, or one member of a ``LockstepTrainer``."""
 
@@ -164,15 +160,14 @@ class TrainResult:
     stop_reason: str  # one of STOP_REASONS
 
     def step_of(self, event: str) -> int | None:
-        return next((e["step"] for e in self.events if e["event"] == event), None)
+        return step_of(self.events, event)
 
     @property
     def grokked(self) -> bool:
         return self.step_of("generalization") is not None
 
 
-def make_detector(config: Config) -> GrokDetector:
-    return GrokDetector(config.memorization_threshold, config.generalization_threshold, config.onset_loss_drop)
+make_detector = detector_for  # the one config -> detector mapping lives beside the events (detect.py)
 
 
 def planned_stop(config: Config, detector: GrokDetector) -> int:
@@ -192,21 +187,6 @@ def checkpoint_reasons(config: Config, step: int, events: list[dict], final: boo
     if final:
         reasons.append("final")
     return reasons
-
-
-def checkpoint_state(config: Config, step: int, model: torch.nn.Module, optimizer_state: dict,
-                     detector: GrokDetector, scheduler_state: dict | None = None,
-                     grokfast_ema: list[torch.Tensor] | None = None,
-                     sampler_state: dict | None = None) -> dict[str, Any]:
-    """One checkpoint: everything needed to continue bit-for-bit; only tensors and plain containers, so it loads
-    with ``torch.load(weights_only=True)``. Written by Trainer and LockstepTrainer alike."""
-    return {
-        "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "step": step, "model": model.state_dict(),
-        "optimizer": optimizer_state, "scheduler": scheduler_state, "detector": detector.state(),
-        "grokfast_ema": grokfast_ema, "sampler": sampler_state,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []},
-    }
 
 
 class Trainer:

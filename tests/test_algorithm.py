@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from grokking_tracked import fastpath
-from grokking_tracked.analysis import algorithm, fourier
+from grokking_tracked import fourier
+from grokking_tracked.analysis import algorithm
 from grokking_tracked.config import ConfigError, preset
 from grokking_tracked.data import make_dataset
 from grokking_tracked.model import GrokkingTransformer

@@ -12,13 +12,14 @@ import torch
 
 from grokking_tracked.analysis import (CheckpointError, analyze_checkpoints, find_checkpoints, load_checkpoint,
                                        model_from_checkpoint)
-from grokking_tracked.analysis import algorithm, fourier
+from grokking_tracked import fourier
+from grokking_tracked.analysis import algorithm
 from grokking_tracked.analysis.plots import compare_runs_figure
 from grokking_tracked.config import preset
 from grokking_tracked.train import Callback, Trainer
 
 FIGURES = {"progress_measures.png", "fourier_spectrum.png", "attention_patterns.png", "attention_change.png",
-           "activation_stats.png", "gradient_flow.png", "weight_evolution.png"}
+           "activation_stats.png", "gradient_flow.png", "weight_evolution.png", "algorithm.png"}
 # p=59 with half the pairs: memorises by ~50 steps, generalises by ~250, clean-up ends by ~500 (seconds on 1 core).
 GROKKING = dict(p=59, train_frac=0.5, checkpoint_every=40, progress_every=20, max_steps=1500)
 # Two real trainings (~700 steps each) and their analyses: ~40 s on 2 idle cores; they carry most tests here.

@@ -11,12 +11,13 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import free_port, run_cli
-from grokking_tracked.analysis.fourier import key_frequencies
+from grokking_tracked.fourier import key_frequencies
 from grokking_tracked.config import preset
 from grokking_tracked.tracking import ensure_experiment, run_experiment
 
 ANALYSIS_FILES = {"summary.json", "progress_measures.png", "fourier_spectrum.png", "attention_patterns.png",
-                  "attention_change.png", "activation_stats.png", "gradient_flow.png", "weight_evolution.png"}
+                  "attention_change.png", "activation_stats.png", "gradient_flow.png", "weight_evolution.png",
+                  "algorithm.png"}
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_the_dashboard_names_the_objective_and_links_the_parent_run_and_each_tri
     assert f"[parent0123]({PARENT_URL})" in shown["note"]["body"]  # Markdown: a link the dashboard opens
     assert shown["note"]["version"] == 1  # a second invocation joining the study does not rewrite the same note
     (served,) = shown["trials"]
-    run_url = "http://127.0.0.1:5000/#/experiments/4/runs/run0123"  # a local store: `grokking-tracked ui`'s address
+    run_url = "http://127.0.0.1:5000/#/experiments/4/runs/run0123?workflowType=machine_learning"  # `ui`'s address
     assert {a["key"]: a["value"] for a in served["user_attrs"]}[RUN_URL_ATTR] == run_url
     assert f"({run_url})" in served["note"]["body"]
 
@@ -93,5 +93,6 @@ def test_two_objectives_are_named_in_order_and_no_pruner_says_so(tmp_path):
 
 
 def test_a_tracking_server_serves_the_run_pages_itself():
-    assert run_page_url("http://10.0.0.5:5001/", "7", "abc") == "http://10.0.0.5:5001/#/experiments/7/runs/abc"
-    assert run_page_url("sqlite:///x/mlflow.db", "7", "abc") == "http://127.0.0.1:5000/#/experiments/7/runs/abc"
+    view = "?workflowType=machine_learning"  # MLflow 3.17's model-training view, not the GenAI one
+    assert run_page_url("http://10.0.0.5:5001/", "7", "abc") == "http://10.0.0.5:5001/#/experiments/7/runs/abc" + view
+    assert run_page_url("sqlite:///x/mlflow.db", "7", "abc") == "http://127.0.0.1:5000/#/experiments/7/runs/abc" + view

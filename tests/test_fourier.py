@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grokking_tracked.analysis import fourier
+from grokking_tracked import fourier
 from grokking_tracked.config import preset
 from grokking_tracked.measures import ProgressMeasures
 from grokking_tracked.model import GrokkingTransformer

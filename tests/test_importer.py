@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from grokking_tracked.analysis import analyze_checkpoints
-from grokking_tracked.analysis.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
+from grokking_tracked.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from grokking_tracked.analysis.importer import ForeignRunError, load_foreign_run
 from grokking_tracked.config import preset
 from grokking_tracked.data import make_dataset

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from grokking_tracked import load_model
-from grokking_tracked.analysis.checkpoints import safe_load
+from grokking_tracked.checkpoints import safe_load
 from grokking_tracked.config import preset
 from grokking_tracked.tracking import TrackedRun, analyze_run, compare_runs, fetch_history, run_experiment
 from grokking_tracked.tracking.models import MODEL_FILE, ModelError

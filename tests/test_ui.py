@@ -169,7 +169,40 @@ def test_the_study_links_each_trial_to_its_run_page_and_names_its_objective(brow
     (trial,) = study.trials
     link = trial.user_attrs[RUN_URL_ATTR]
     assert link.startswith("http://127.0.0.1:5000/#/experiments/")
-    assert link.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}")
+    assert link.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}?workflowType=machine_learning")
     url = ui.split("#", 1)[0] + "#" + link.split("#", 1)[1]  # the test's server is on a free port, not 5000
     text = rendered(browser, url, tmp_path / "profile", "ui_study #0")
     assert "ui_study #0" in text, text[:2000]
+
+
+GENAI_ONLY = ("Agent versions", "Judges", "Prompts")  # MLflow 3.17's GenAI side navigation
+
+
+def test_the_models_tab_lists_the_checkpoints_as_models_in_the_model_training_view(browser, ui, store, tmp_path):
+    """The link to the Models tab (``ExperimentResult.models_url``) opens the model-training view: the run's event
+    and final checkpoints are listed as models, not as GenAI "Agent versions" beside Judges and Prompts."""
+    from mlflow import MlflowClient
+
+    _, uri, outcome, _ = store
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(outcome.run_id).info.experiment_id
+    models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{outcome.run_id}'")
+    final = next(m.name for m in models if m.name.startswith("final-"))
+    base = ui.split("#", 1)[0].rstrip("/")
+    url = outcome.models_url(base)
+    assert url == f"{base}/#/experiments/{experiment_id}/models?workflowType=machine_learning"
+    text = rendered(browser, url, tmp_path / "profile", final)
+    assert final in text, text[:3000]
+    assert not [word for word in GENAI_ONLY if word in text], text[:3000]
+
+
+def test_a_run_page_from_our_link_opens_in_the_model_training_view(browser, ui, store, tmp_path):
+    """``ExperimentResult.run_url`` (and the study's trial links) carry workflowType: no GenAI navigation. (MLflow
+    3.17 reads the view from that parameter, else from the browser's last choice of the sidebar switch, GenAI by
+    default; the experiment's mlflow.experimentKind tag is not read while that switch exists.)"""
+    _, _, outcome, _ = store
+    url = outcome.run_url(ui.split("#", 1)[0].rstrip("/"))
+    assert url.endswith(f"/runs/{outcome.run_id}?workflowType=machine_learning"), url
+    text = rendered(browser, url, tmp_path / "profile", "ui-check-run", "Model metrics")
+    assert "ui-check-run" in text and "Model metrics" in text, (url, text[:3000])
+    assert not [word for word in GENAI_ONLY if word in text], (url, text[:3000])

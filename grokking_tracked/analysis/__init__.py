@@ -1,9 +1,9 @@
 """Mechanistic analysis over training checkpoints (imports neither mlflow nor optuna).
 
-- ``checkpoints``: safe loading (``weights_only=True``) and model reconstruction, one-line errors.
+- ``grokking_tracked.checkpoints`` (the core; re-exported here): the checkpoint format, safe loading
+  (``weights_only=True``) and model reconstruction, one-line errors.
 - ``mechanics``: attention patterns, activation statistics, gradient flow, weight evolution (TransformerLens hooks).
-- ``fourier``: Nanda et al. 2023 progress measures (Fourier spectrum, key frequencies, restricted/excluded
-  loss, Gini, total weight norm), with the discrete-log basis for mul/div.
+- ``grokking_tracked.fourier`` (the core, beside ``measures``): Nanda et al. 2023's Fourier formulas.
 - ``report``: ``analyze_checkpoints`` (figures + ``summary.json``); ``plots``: its figures and ``compare_figure``.
 - ``detection``: the onset early warning over many runs; ``importer``: runs trained elsewhere.
 
@@ -16,15 +16,15 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "CheckpointError": "checkpoints",
-    "load_checkpoint": "checkpoints",
-    "model_from_checkpoint": "checkpoints",
-    "find_checkpoints": "checkpoints",
-    "analyze_checkpoints": "report",
-    "compare_figure": "plots",
-    "load_foreign_run": "importer",
-    "onset_quality": "detection",
-    "onset_quality_figure": "detection",
+    "CheckpointError": "..checkpoints",
+    "load_checkpoint": "..checkpoints",
+    "model_from_checkpoint": "..checkpoints",
+    "find_checkpoints": "..checkpoints",
+    "analyze_checkpoints": ".report",
+    "compare_figure": ".plots",
+    "load_foreign_run": ".importer",
+    "onset_quality": ".detection",
+    "onset_quality_figure": ".detection",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -32,5 +32,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

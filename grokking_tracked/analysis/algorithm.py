@@ -34,8 +34,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from transformer_lens.utilities import get_act_name
 
-from . import fourier
+from .. import fourier
+from ..measure_registry import Measure, MeasureInput, register
 
 GRADIENT_TRIPLES = 1000
 GRADIENT_SEED = 0
@@ -122,7 +124,7 @@ def gradient_symmetricity(model, grid: fourier.TaskGrid, triples: torch.Tensor |
     tokens, answers = tokens.to(device), residues[:, 2].to(device)
     with torch.enable_grad():
         embedded = model.embed(tokens).detach().requires_grad_(True)
-        logits = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda value, hook: embedded)])[:, -1]
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("embed"), lambda value, hook: embedded)])[:, -1]
         (grad,) = torch.autograd.grad(logits.gather(-1, answers[:, None]).sum(), embedded)
     grad = grad.to(torch.float64)
     return float(F.cosine_similarity(grad[:, 0], grad[:, 1], dim=-1).mean())
@@ -167,3 +169,13 @@ def measure(model, grid: fourier.TaskGrid, logits: torch.Tensor, keys: list[int]
         "key_variance_explained": fraction,
         "key_fit_loss": fit_loss,
     }
+
+
+def _measure(given: MeasureInput) -> dict[str, float | None]:
+    return measure(given.model, given.grid, given.grid_logits, given.keys)
+
+
+# gradient symmetricity replaces the embeddings at hook_embed itself (run_with_hooks): no cached activation needed
+ALGORITHM = register(Measure(
+    "algorithm", ("gradient_symmetricity", "distance_irrelevance", "key_variance_explained"), _measure,
+    description="Zhong et al. 2023's clock-or-pizza measures and the key frequencies' share of the logits"))

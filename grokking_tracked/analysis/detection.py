@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..detect import step_of
 from ..figures import colors, new_figure, styled
 
 OUTCOMES = ("hit", "false_alarm", "miss", "quiet")
@@ -34,14 +35,10 @@ class OnsetQuality:
                                                 "lead_fraction"])
 
 
-def _step(events: Sequence[Mapping], name: str) -> int | None:
-    return next((int(e["step"]) for e in events if e.get("event") == name), None)
-
-
 def onset_quality(runs: Mapping[str, Sequence[Mapping]]) -> OnsetQuality:
     rows = []
     for run, events in runs.items():
-        memorized, onset, general = (_step(events, n) for n in ("memorization", "onset", "generalization"))
+        memorized, onset, general = (step_of(events, n) for n in ("memorization", "onset", "generalization"))
         lead = general - onset if onset is not None and general is not None else None
         delay = general - memorized if general is not None and memorized is not None else None
         outcome = ("hit" if onset is not None and general is not None else "false_alarm" if onset is not None

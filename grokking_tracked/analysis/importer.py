@@ -34,8 +34,7 @@ from typing import Any
 import torch
 
 from ..config import BIG, Config, ConfigError, preset
-from ..train import CHECKPOINT_FORMAT
-from .checkpoints import CheckpointError, model_from_checkpoint, safe_load
+from ..checkpoints import CHECKPOINT_FORMAT, CheckpointError, model_from_checkpoint, safe_load
 
 KINDS = ("earlier-project", "hooked-transformer")
 _EPOCH_FILE = re.compile(r"checkpoint_epoch_(\d+)\.pt$")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
+from transformer_lens.utilities import get_act_name
 
 from ..metrics import cross_entropy_high_precision
 
@@ -29,7 +30,7 @@ def forward_with_cache(model, p: int):
 
 def attention_from_equals(cache, p: int, layer: int = 0) -> torch.Tensor:
     """Attention of the "=" position to a and to b over the (a, b) grid: (heads, 2 [to a, to b], a, b)."""
-    pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # (batch, head, query, key)
+    pattern = cache[get_act_name("pattern", layer)]  # (batch, head, query, key)
     return rearrange(pattern[:, :, -1, :2], "(a b) h k -> h k a b", a=p, b=p).float()
 
 

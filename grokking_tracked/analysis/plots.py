@@ -14,8 +14,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..figures import EVENT_STYLE, SPLIT_COLORS, colors, mark_events, new_figure, save_figure, styled
-from .fourier import FLOOR_RATIO
+from ..figures import SPLIT_COLORS, event_style, colors, mark_events, new_figure, save_figure, styled
+from ..fourier import FLOOR_RATIO
 
 LINE_STYLES = ("-", "--", ":")
 PROGRESS_PANELS = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm")
@@ -56,8 +56,7 @@ def _event_legend(fig: Figure, events: Sequence[dict]) -> None:
     if events:
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], color=EVENT_STYLE.get(e["event"], ("gray", "--"))[0],
-                          linestyle=EVENT_STYLE.get(e["event"], ("gray", "--"))[1],
+        handles = [Line2D([], [], color=event_style(e["event"])[0], linestyle=event_style(e["event"])[1],
                           label=f"{e['event'].replace('_', ' ')} @ {e['step']:,}") for e in events]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
 
@@ -240,6 +239,21 @@ def weights_figure(records) -> Figure:
     changes = [(r["step"], r["weight_relative_change"]) for r in records[1:]]
     ax_change.plot([s for s, _ in changes], [c for _, c in changes], "o-", color="#444444")
     ax_change.set(xlabel="step", ylabel="‖θ_t − θ_prev‖ / ‖θ_prev‖", title="Relative weight change between checkpoints")
+    return fig
+
+
+@styled
+def measure_figure(records, measure) -> Figure:
+    """A registered measure's default figure (``measure_registry.Measure.figure`` None): each of its metrics over
+    the checkpoints, one panel each."""
+    names = list(measure.metrics)
+    fig, axes = new_figure(1, len(names), figsize=(4.6 * len(names), 3.8))
+    for ax, name in zip(axes[0], names):
+        points = [(r["step"], r.get(name)) for r in records]
+        points = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", markersize=3)
+        ax.set(xlabel="checkpoint step", ylabel=name.replace("_", " "), title=name.replace("_", " "))
+    fig.suptitle(f"{measure.name}: {measure.description}" if measure.description else measure.name)
     return fig
 
 

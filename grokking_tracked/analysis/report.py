@@ -18,11 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import make_dataset
-from ..detect import GrokDetector, detect_events
+from ..detect import GrokDetector, detect_events, phase_events, step_of
 from .. import figures as run_figures
-from ..measures import ProgressMeasures
-from . import algorithm, fourier, mechanics, plots
-from .checkpoints import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from ..measure_registry import MeasureInput, compute_all, measures as registered_measures
+from ..measures import PROGRESS_METRICS, ProgressMeasures
+from .. import fourier
+from . import algorithm, mechanics, plots
+from ..checkpoints import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 
 SUMMARY_VERSION = 2
 DROP_RULE = ("drop step of a series = first step, at or after its maximum, where it is <= drop_fraction x that "
@@ -30,11 +32,8 @@ DROP_RULE = ("drop step of a series = first step, at or after its maximum, where
              "smaller than test loss's (from the history when given, else from the checkpoints)")
 # Nanda et al. 2023, main run (p = 113, 30 % of pairs, full batch, AdamW lr 1e-3 wd 1): phase boundaries in steps.
 PAPER_PHASES = {"memorization_end": 1400, "circuit_formation_end": 9400, "cleanup_end": 14000}
-PHASE_EVENTS = ("memorization", "circuit_formation", "cleanup", "generalization", "cleanup_end")
 
 History = list[tuple[int, Mapping[str, float]]]
-# Per-checkpoint measures that analyze logs as metrics at the checkpoint's step (as analysis/<name>).
-ALGORITHM_METRICS = ("gradient_symmetricity", "distance_irrelevance", "key_variance_explained")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -96,6 +95,7 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
     train_index = data.train_tokens[:, 0] * config.p + data.train_tokens[:, 1]
     test_index = data.test_tokens[:, 0] * config.p + data.test_tokens[:, 1]
     heatmap_at = sorted({0, len(checkpoints) // 2, len(checkpoints) - 1})
+    selected = registered_measures()  # the measure registry (measure_registry.py): Zhong et al.'s, and any added
 
     records: list[dict] = []
     heatmaps: dict[int, torch.Tensor] = {}
@@ -108,7 +108,8 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         logits, cache = mechanics.forward_with_cache(model, config.p)
         last = logits[:, -1]  # (p·p, p), row a·p + b
         reading = measures.read(model, keys=keys, logits=last[grid_index])
-        which = algorithm.measure(model, measures.grid, last[grid_index], keys)  # clock or pizza (Zhong et al.)
+        extra = compute_all(selected, MeasureInput(model, config, last, cache, measures.grid, keys, step,
+                                                   train_rows=train_index))
         grid = mechanics.attention_from_equals(cache, config.p)
         if i in heatmap_at:
             heatmaps[step] = grid
@@ -131,7 +132,7 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
             "test_acc": _accuracy(last[test_index], data.test_labels),
             **reading.metrics,  # restricted/excluded loss with the final keys; n_key_frequencies of this step
             "key_frequencies": reading.key_frequencies,
-            **which,
+            **extra,
             "weight_relative_change": weights["relative_change"],
             "weights": weights,
             "attention": attention,
@@ -152,6 +153,7 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         ("activation_stats.png", plots.activations_figure(records)),
         ("gradient_flow.png", plots.gradients_figure(records)),
         ("weight_evolution.png", plots.weights_figure(records)),
+        *((m.figure_file, (m.figure or plots.measure_figure)(records, m)) for m in selected),
     )]
     key_energy = fourier.key_frequencies(torch.tensor(final.embedding_freq_norms))[1]
     summary = {
@@ -160,6 +162,7 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         "operation": config.operation,
         "config": config.to_dict(),
         "n_checkpoints": len(records),
+        "measures": {m.name: list(m.metrics) for m in selected},  # reanalysis logs these as analysis/<metric>
         "steps": [r["step"] for r in records],
         "fourier": {
             "basis": measures.grid.view.basis,
@@ -199,7 +202,7 @@ def _algorithm(final: dict, view: fourier.GroupView) -> dict:
         answer = algorithm.classify_algorithm(final["gradient_symmetricity"], final["distance_irrelevance"],
                                               test_accuracy=final["test_acc"])
     return {"class": answer, "step": final["step"],
-            **{k: final[k] for k in ALGORITHM_METRICS}, "key_fit_loss": final["key_fit_loss"],
+            **{k: final[k] for k in algorithm.ALGORITHM.metrics}, "key_fit_loss": final["key_fit_loss"],
             "rule": algorithm.RULE, "gradient_triples": algorithm.GRADIENT_TRIPLES, "basis": view.basis}
 
 
@@ -222,8 +225,7 @@ def _events(records: list[dict], history: History | None, events: list[dict] | N
     if events is not None:
         return list(events), "events.json"
     timeline = {int(s): dict(m) for s, m in (history or [])}
-    measured = ("restricted_loss", "excluded_loss", "gini_embedding", "gini_neuron_logit", "total_weight_norm",
-                "n_key_frequencies")
+    measured = PROGRESS_METRICS
     logged_live = any("n_key_frequencies" in m for m in timeline.values())
     for record in records:  # what the history lacks at a checkpoint step, the checkpoint measured
         row = timeline.setdefault(record["step"], {})
@@ -231,19 +233,16 @@ def _events(records: list[dict], history: History | None, events: list[dict] | N
             row.setdefault(key, record[key])
     source = "history" if logged_live else ("history+checkpoints" if history else "checkpoints")
     usable = [(s, m) for s, m in sorted(timeline.items()) if {"train_acc", "test_acc", "test_loss"} <= set(m)]
-    return detect_events(usable, **_thresholds(config)), source
-
-
-def _thresholds(config) -> dict:
-    return dict(memorization_threshold=config.memorization_threshold,
-                generalization_threshold=config.generalization_threshold, onset_loss_drop=config.onset_loss_drop)
+    return detect_events(usable, config), source
 
 
 def _phases(events: list[dict], source: str) -> dict:
-    """The phase boundaries found, whether they come in the paper's order, and the paper's for comparison."""
-    steps = {e["event"]: e["step"] for e in events}
-    m, c, k, g, e = (steps.get(name) for name in PHASE_EVENTS)
+    """The phase boundaries found (the events registered with ``phase``), whether they come in the paper's order,
+    and the paper's for comparison."""
+    steps = {name: step_of(events, name) for name in phase_events()}
+    m, c, k, g, e = (steps.get(name) for name in ("memorization", "circuit_formation", "cleanup", "generalization",
+                                                    "cleanup_end"))
     in_order = None if None in (m, c, k, g, e) else m < c <= k <= e and c < g <= e
-    return {"source": source, "rule": GrokDetector().rule, **{name: steps.get(name) for name in PHASE_EVENTS},
+    return {"source": source, "rule": GrokDetector().rule, **steps,
             "order": "memorization < circuit_formation <= cleanup <= cleanup_end, circuit_formation < "
                      "generalization <= cleanup_end", "in_order": in_order, "paper": PAPER_PHASES}

@@ -36,7 +36,9 @@ def ui_base(tracking_uri: str) -> str:
 
 def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI of this store."""
-    return f"{ui_base(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    # MLflow 3.17 shows a run page in the GenAI view unless the link asks for the model-training one
+    view = "workflowType=machine_learning"
+    return f"{ui_base(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{view}"
 
 
 def link_trial_run(trial: optuna.Trial, tracking_uri: str, experiment_id: str, run_id: str, notes=None) -> None:

@@ -70,6 +70,15 @@ class ExperimentResult:
         base = without_userinfo(self.tracking_uri) if is_remote(self.tracking_uri) else ui
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
+    def models_url(self, ui: str = LOCAL_UI) -> str:
+        """The experiment's Models tab (its LoggedModels: the event and final checkpoints) in the model-training
+        view; without ``workflowType`` MLflow 3.17 lists them as GenAI "Agent versions"."""
+        return self.runs_url(ui).replace("/runs?workflowType=", "/models?workflowType=")
+
+    def run_url(self, ui: str = LOCAL_UI) -> str:
+        """This run's page in the model-training view."""
+        return self.runs_url(ui).replace("/runs?workflowType=", f"/runs/{self.run_id}?workflowType=")
+
     @property
     def history(self) -> list[tuple[int, dict]]:
         return self.result.history

@@ -21,7 +21,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ..analysis.checkpoints import CheckpointError, load_checkpoint
+from ..checkpoints import CheckpointError, load_checkpoint
 from ..config import Config
 from ..metrics import EVAL_METRICS
 from .artifacts import checked

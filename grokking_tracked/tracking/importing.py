@@ -9,7 +9,6 @@ import json
 
 import torch
 
-from ..analysis.importer import load_foreign_run
 from .experiment import IMPORTED_TAG
 from .names import mlflow_metrics
 from .runs import TrackedRun, metrics_at
@@ -24,6 +23,8 @@ def import_run(path: str, tracking_uri: str | None = None, experiment: str = DEF
                run_name: str | None = None, **assumptions) -> str:
     """Import ``path`` as a new FINISHED run; returns its id. ``assumptions``: operation / train_frac / data_seed /
     step for a bare state dict (which records none of them)."""
+    from ..analysis.importer import load_foreign_run  # the analysis side, loaded only to import a run
+
     imported = load_foreign_run(path, **assumptions)  # everything is read and checked before a run exists
     client = connect(tracking_uri)
     tags = {IMPORTED_TAG: imported.source, IMPORTED_KIND_TAG: imported.kind,

@@ -17,14 +17,16 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..config import Config, UserError
+from ..detect import model_events
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MODEL_FILES = {MODEL_FILE, CONFIG_FILE}
 MODEL_TYPE = "grokking-transformer"
 EVENT_TAG, STEP_TAG = "grokking_tracked.event", "grokking_tracked.step"
 FORMAT = "grokking_tracked.safetensors/1"
-# The checkpoints that become LoggedModels: detection events and the end (periodic ones stay plain artifacts).
-MODEL_REASONS = ("memorization", "onset", "generalization", "circuit_formation", "cleanup", "cleanup_end", "final")
+# The checkpoints that become LoggedModels: the events registered with logged_model (detect.EVENTS) and the end
+# (periodic ones stay plain artifacts).
+FINAL_REASON = "final"
 
 
 class ModelError(UserError):
@@ -32,7 +34,7 @@ class ModelError(UserError):
 
 
 def model_reasons(reasons: list[str]) -> list[str]:
-    return [reason for reason in reasons if reason in MODEL_REASONS]
+    return [reason for reason in reasons if reason == FINAL_REASON or reason in model_events()]
 
 
 def model_name(reasons: list[str], step: int) -> str:

@@ -48,13 +48,12 @@ def _log_step_images(run: TrackedRun, directory: Path) -> None:
 
 
 def _checkpoint_metrics(summary: dict) -> list[Metric]:
-    """The per-checkpoint algorithm measures as ``analysis/<name>`` metrics at each checkpoint's step (the run
-    page groups them in an "analysis" section)."""
-    from ..analysis.report import ALGORITHM_METRICS
-
+    """The registered measures' metrics (``summary["measures"]``, from ``measure_registry``) as ``analysis/<name>``
+    metrics at each checkpoint's step (the run page groups them in an "analysis" section)."""
+    names = [name for metrics in summary.get("measures", {}).values() for name in metrics]
     now = int(datetime.now(timezone.utc).timestamp() * 1000)
     return [Metric(f"{ANALYSIS_DIR}/{name}", float(record[name]), now, int(record["step"]))
-            for record in summary["checkpoints"] for name in ALGORITHM_METRICS if record.get(name) is not None]
+            for record in summary["checkpoints"] for name in names if record.get(name) is not None]
 
 
 def _next_analysis_number(artifacts: RunArtifacts) -> int:

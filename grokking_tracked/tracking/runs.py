@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from ..config import Config
-from ..train import TrainingStopped
+from ..config import TrainingStopped
 from .lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
 from .artifacts import checked
 from .outage import is_transient

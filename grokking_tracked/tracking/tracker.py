@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from mlflow.entities import Metric
 
+from ..checkpoints import checkpoint_name
 from ..train import Callback, TrainingState, TrainResult
 from .models import model_reasons
 from .names import event_metric, mlflow_metrics
@@ -31,10 +32,6 @@ KEY_FREQUENCIES_TAG = "grokking_tracked.key_frequencies"  # the live progress me
 KEY_FREQUENCIES_STEP_TAG = "grokking_tracked.key_frequencies_step"
 GROKKED_TAG = "grokked"
 FIGURES_DIR = "figures"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}.pt"
 
 
 class MlflowTracker(Callback):

@@ -1,4 +1,7 @@
-"""Safe checkpoint loading: ``torch.load(weights_only=True)`` only, and one-line errors.
+"""The checkpoint format, in the core: what training writes, and what analysis and tracking read back.
+
+A checkpoint is one dict of tensors and plain containers (``checkpoint_state``, version ``CHECKPOINT_FORMAT``),
+saved as ``checkpoint_name(step)``. Loading is ``torch.load(weights_only=True)`` only, with one-line errors.
 
 Checkpoints may come from a tracking server, i.e. from anyone: a full unpickle would run whatever a
 crafted file asks for. ``weights_only=True`` makes torch's restricted unpickler refuse every global that
@@ -17,14 +20,34 @@ from typing import Any
 
 import torch
 
-from ..config import UserError
+from .config import UserError
 
+CHECKPOINT_FORMAT = 1
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 _REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line fit for stderr."""
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint at ``step`` (``find_checkpoints`` and the tracking side read it back)."""
+    return f"step_{step:07d}.pt"
+
+
+def checkpoint_state(config, step: int, model: torch.nn.Module, optimizer_state: dict, detector,
+                     scheduler_state: dict | None = None, grokfast_ema: list[torch.Tensor] | None = None,
+                     sampler_state: dict | None = None) -> dict[str, Any]:
+    """One checkpoint: everything needed to continue bit-for-bit; only tensors and plain containers, so it loads
+    with ``torch.load(weights_only=True)``. Written by Trainer and LockstepTrainer alike."""
+    return {
+        "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "step": step, "model": model.state_dict(),
+        "optimizer": optimizer_state, "scheduler": scheduler_state, "detector": detector.state(),
+        "grokfast_ema": grokfast_ema, "sampler": sampler_state,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []},
+    }
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -82,7 +105,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_checkpoint(state: dict[str, Any]):
-    from ..config import Config, ConfigError
+    from .config import Config, ConfigError
 
     try:
         return Config.from_dict(state["config"])
@@ -96,7 +119,7 @@ def model_from_checkpoint(state: dict[str, Any], config=None):
     ``config`` (optional): the config the caller expects (e.g. the run's ``config.json`` or the first
     checkpoint's); a checkpoint of another model shape is refused with ``CheckpointError``.
     """
-    from ..model import GrokkingTransformer
+    from .model import GrokkingTransformer
 
     own = config_from_checkpoint(state)
     if config is not None:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from ..config import is_prime
-from ..data import apply_operation
+from .config import is_prime
+from .data import apply_operation
 
 
 # ---------------------------------------------------------------------------------------------- group
