@@ -64,6 +64,7 @@ def _stderr_line(line: str) -> None:
     print(f"grokking-tracked: {line}", file=sys.stderr, flush=True)
 
 
+MISSING_FILES_TAG = "grokking_tracked.missing.{path}"  # files a run lacks, and why (e.g. figures: interrupted)
 _BACKGROUND: list[threading.Thread] = []  # runs finishing in the background (TrackedRun.end(background=True))
 
 
@@ -372,6 +373,7 @@ class TrackedRun:
                     self.log_file(path, artifact_path, move=True)
             except Exception as error:  # noqa: BLE001 - a figure is a view of the data, not the data
                 self.echo(f"could not make {artifact_path}/ of run {self.run_id}: {short_error(error)}")
+                self.set_tags({MISSING_FILES_TAG.format(path=artifact_path): short_error(error)[:250]})
         self._later.clear()
         if not self.appends:
             self.outbox.set_status(status)
