@@ -102,9 +102,11 @@ def test_two_workers_run_every_grid_point_exactly_once_and_a_second_invocation_a
     assert all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"].startswith(("surplus", "duplicate"))
                for t in others), [(t.number, t.state, t.user_attrs) for t in others]
 
-    again = run_cli("study", "spec.toml", "--workers", "2", "--no-progress", cwd=tmp_path, env=env, timeout=600)
+    # asking for more trials than the grid has points: GridSampler would re-evaluate points; nothing is left
+    again = run_cli("study", "spec.toml", "--workers", "2", "--n-trials", "6", "--no-progress", cwd=tmp_path, env=env,
+                    timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "4/4 trials finished" in again.stderr
+    assert "4/6 trials finished" in again.stderr
     assert len(optuna.load_study(study_name="grid_once", storage=storage).get_trials()) == len(trials)
     with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db") as db:
         statuses = Counter(s for (s,) in db.execute("select status from runs"))
