@@ -259,7 +259,7 @@ class Objective:
         try:
             return self.run(trial)
         except Exception as error:  # the reason, where every trial's is looked for (a run may not exist yet)
-            if FAIL_REASON_ATTR not in trial.user_attrs:
+            if not isinstance(error, optuna.TrialPruned) and FAIL_REASON_ATTR not in trial.user_attrs:
                 trial.set_user_attr(FAIL_REASON_ATTR, redact(f"{type(error).__name__}: {error}")[:500])
             raise
 
