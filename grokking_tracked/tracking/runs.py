@@ -372,7 +372,9 @@ class TrackedRun:
                 for path in files.result():
                     self.log_file(path, artifact_path, move=True)
             except BaseException as error:  # noqa: BLE001 - a figure is a view of the data, not the data (and an
-                # interrupted figure process re-raises its KeyboardInterrupt here)
+                # interrupted figure process re-raises its KeyboardInterrupt here, in a background thread)
+                if not isinstance(error, Exception) and threading.current_thread() is threading.main_thread():
+                    raise  # the user's own Ctrl-C
                 self.echo(f"could not make {artifact_path}/ of run {self.run_id}: {short_error(error)}")
                 self.set_tags({MISSING_FILES_TAG.format(path=artifact_path): short_error(error)[:250]})
         self._later.clear()
