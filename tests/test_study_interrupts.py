@@ -105,3 +105,24 @@ def test_an_interrupted_two_worker_study_leaves_no_trial_running_and_no_tracebac
         assert figures or "grokking_tracked.missing.figures" in run.data.tags, trial.number
     runs = client.search_runs([client.get_experiment_by_name("interrupts").experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_the_trials_an_interrupt_left_running_in_this_invocations_workers_end_fail_and_killed(tmp_path):
+    """The sweep after an interrupt (``fail_interrupted_trials``): a worker stopped between its training and Optuna's
+    ``tell`` left its trial RUNNING and its run open. Only this invocation's workers' trials are ended."""
+    from grokking_tracked.study.workers import fail_interrupted_trials
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("sweep")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", study_name="sweep")
+    mine, other = study.ask(), study.ask()
+    for trial, worker in ((mine, "host:1"), (other, "host:2")):  # RUNNING, each with its open run
+        run = client.create_run(experiment, tags={"optuna.trial_number": str(trial.number)})
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    fail_interrupted_trials(study, client, {"host:1", "host:3"})
+    after = {t.number: t for t in study.get_trials()}
+    assert after[mine.number].state == TrialState.FAIL and after[other.number].state == TrialState.RUNNING
+    killed = client.get_run(mine.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["optuna.trial_state"] == "FAIL"
+    assert client.get_run(other.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
