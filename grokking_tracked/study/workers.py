@@ -130,6 +130,8 @@ class TrialLine:
     def __call__(self, study: optuna.Study, trial) -> None:
         outcome = (f"value {', '.join(f'{v:g}' for v in trial.values)}" if trial.state == TrialState.COMPLETE
                    else trial.state.name)
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_REASON_ATTR):  # why, in one line
+            outcome += f": {str(trial.user_attrs[FAIL_REASON_ATTR]).strip().splitlines()[0][:200]}"
         run_id = trial.user_attrs.get("mlflow_run_id", "-")
         self.echo(f"trial {trial.number}: {outcome} (MLflow run {run_id})")
 
