@@ -79,16 +79,17 @@ def _lost_schema_race(error: BaseException) -> bool:
 
 
 def load_study(spec: StudySpec, storage, study_name: str, salt: str | None = None) -> optuna.Study:
-    """Load the study, or create it; ``salt``: see ``make_sampler``."""
-    return create_or_load_study(spec, storage, study_name, salt)[0]
+    """Load the study, or create it (a worker: its invocation queued a grid's points); ``salt``: see
+    ``make_sampler``."""
+    return create_or_load_study(spec, storage, study_name, salt, queue=False)[0]
 
 
-def create_or_load_study(spec: StudySpec, storage, study_name: str,
-                         salt: str | None = None) -> tuple[optuna.Study, bool]:
+def create_or_load_study(spec: StudySpec, storage, study_name: str, salt: str | None = None,
+                         queue: bool = True) -> tuple[optuna.Study, bool]:
     """(the study, whether this call created it). Exactly one of several simultaneous callers creates it.
 
     A stored study whose search space conflicts with the spec's is one StudyError (else every trial would fail in
-    ``suggest``). A grid study's points are queued here (``enqueue_grid``)."""
+    ``suggest``). A grid study's points are queued here (``enqueue_grid``), once per invocation (``queue``)."""
     options = dict(study_name=study_name, storage=storage, pruner=make_pruner(spec), directions=spec.directions)
     # a grid study trains only queued points (see enqueue_grid): its sampler is never asked for a value, and
     # GridSampler would assign (and warn about) a point to a trial that gets none
@@ -104,7 +105,7 @@ def create_or_load_study(spec: StudySpec, storage, study_name: str,
         raise StudyError(f"study {study_name!r}: {redact(str(exc).splitlines()[0])}") from None
     if not created:
         check_search_space(spec, study)
-    if spec.sampler == "grid":
+    if spec.sampler == "grid" and queue:
         enqueue_grid(spec, study)
     return study, created
 
