@@ -15,9 +15,9 @@ from ..lockstep import SHARED_FIELDS, LockstepTrainer, check_compatible
 from ..tracking.tracker import MlflowTracker
 from ..train import Callback, TrainResult
 from .spec import StudyError, StudySpec
-from .storage import heartbeat, room_for_trials
-from .trial import (FAIL_REASON_ATTR, PHASE_TAG, PruningCallback, StudyContext, TrialRun, phase_of, trial_config,
-                    trial_value)
+from .storage import grid_queue_empty, heartbeat, room_for_trials
+from .trial import (FAIL_REASON_ATTR, PHASE_TAG, PruningCallback, StudyContext, SurplusTrial, TrialRun, phase_of,
+                    skip_grid_duplicate, trial_config, trial_value)
 
 MAX_CONSECUTIVE_FAILED_BATCHES = 3
 
@@ -72,7 +72,15 @@ def _open_batch(study: optuna.Study, context: StudyContext, k: int) -> tuple[lis
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": see storage.heartbeat
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(k):
-                trials.append(study.ask())
+                trial = study.ask()
+                try:
+                    skip_grid_duplicate(context.spec, trial)  # a grid point held elsewhere, or none left
+                except SurplusTrial:
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
+                trials.append(trial)
+        if not trials:
+            return [], []
         configs = [trial_config(context.spec, trial) for trial in trials]
         try:
             check_compatible(configs)
@@ -98,7 +106,11 @@ def optimize_lockstep(study: optuna.Study, context: StudyContext, k: int, n_tria
     while (room := room_for_trials(study, n_trials, deadline)) > 0:  # counts the trials running elsewhere too
         if deadline is not None and time.monotonic() >= deadline:
             return
+        if context.spec.sampler == "grid" and grid_queue_empty(study):
+            return  # every grid point is running or done
         configs, members = _open_batch(study, context, min(k, room))
+        if not members:
+            continue
         callbacks = [[MlflowTracker(m.trial_run.run, drawer=context.drawer), m.pruning, m] for m in members]
         with contextlib.ExitStack() as beats:  # a killed worker's trials go stale and are retried
             for member in members:

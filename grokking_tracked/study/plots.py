@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 
+from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter
 
 from .. import figures
+from ..tracking.redact import redact
 
 GRID = figures.STYLE["grid.color"]
 EDGE = figures.STYLE["axes.edgecolor"]
@@ -94,3 +96,13 @@ def relabel(result, ylabel: str):
     """Name what optuna's single-panel figure plots on its y axis (e.g. the pruning metric); returns ``result``."""
     result.set_ylabel(ylabel)
     return result
+
+
+def redacted(fig):
+    """``fig`` with every text drawn in it (titles, labels, legends, annotations) redacted: a study's name (and so
+    its figures' titles) may carry a secret, as the tags and notes do; returns it."""
+    for text in fig.findobj(Text):
+        content = text.get_text()
+        if content and (clean := redact(content)) != content:
+            text.set_text(clean)
+    return fig

@@ -74,8 +74,9 @@ def _log_onset_quality(study: optuna.Study, parent: TrackedRun) -> None:
     quality = onset_quality(runs)
     parent.log_text(quality.to_frame().to_csv(index=False), "detection/onset_quality.csv")
     parent.log_dict(quality.summary, "detection/onset_quality.json")
-    parent.log_figure(onset_quality_figure(quality, f"study {study.study_name}: the onset warning over "
-                                                    f"{len(runs)} trials"), "detection/onset_quality.png")
+    parent.log_figure(plots.redacted(onset_quality_figure(quality, f"study {study.study_name}: the onset warning "
+                                                                  f"over {len(runs)} trials")),
+                      "detection/onset_quality.png")
     parent.log_values({f"onset_{key}": value for key, value in quality.summary.items()
                        if isinstance(value, (int, float)) and not isinstance(value, bool)}, len(runs))
 
@@ -98,10 +99,10 @@ def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, compl
             if from_optuna:  # optuna draws through pyplot in its own style: ours, readable; released from pyplot after
                 import matplotlib.pyplot as plt
 
-                parent.log_figure(plots.tidy(figure), f"figures/{name}.png")
+                parent.log_figure(plots.redacted(plots.tidy(figure)), f"figures/{name}.png")
                 plt.close(figure)
             else:
-                parent.log_figure(figure, f"figures/{name}.png")
+                parent.log_figure(plots.redacted(figure), f"figures/{name}.png")
         except ValueError as exc:
             parent.set_tags({FIGURE_SKIPPED_TAG.format(name=name): str(exc).splitlines()[0][:250]})
 
@@ -207,7 +208,7 @@ def _log_seed_groups(study: optuna.Study, spec: StudySpec, parent: TrackedRun) -
         events[name] = trial.user_attrs.get("seed_events", [])
     if not histories:
         return
-    parent.log_figure(figures.grouped_curves(histories, metrics=("test_acc", "train_acc"), band="iqr"),
+    parent.log_figure(plots.redacted(figures.grouped_curves(histories, metrics=("test_acc", "train_acc"), band="iqr")),
                       "figures/seed_groups.png")
     parent.log_text(figures.event_step_table(events).to_csv(index=False), "seed_groups_events.csv")
 

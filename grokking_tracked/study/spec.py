@@ -172,6 +172,8 @@ def load_spec(path: str | Path) -> StudySpec:
             setattr(spec, key, study[key])
     if spec.lockstep > MAX_LOCKSTEP:
         fail(f"[study] lockstep must be at most {MAX_LOCKSTEP} trials trained together, got {spec.lockstep}")
+    if spec.seeds > MAX_SEEDS:
+        fail(f"[study] seeds must be at most {MAX_SEEDS} trainings per trial, got {spec.seeds}")
     if spec.grace_period <= spec.heartbeat_interval:
         fail(f"[study] grace_period ({spec.grace_period} s) must exceed heartbeat_interval "
              f"({spec.heartbeat_interval} s), or live trials would be declared dead")
@@ -210,6 +212,8 @@ def load_spec(path: str | Path) -> StudySpec:
     spec.sampler = str(sampler.pop("name", "tpe")).lower()
     if spec.sampler not in SAMPLERS:
         fail(f"unknown sampler {spec.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if "search_space" in sampler:  # the grid sampler's own grid: checked as [search] values are (and unique)
+        _merge_grid(spec, sampler.pop("search_space"), base, fail)
     spec.sampler_args = sampler
     spec.pruner = str(pruner.pop("name", "median")).lower()
     if spec.pruner not in PRUNERS:
@@ -230,6 +234,13 @@ def load_spec(path: str | Path) -> StudySpec:
             fail(f"objective {target.name} needs {needed} in [search]")
     if spec.seeds > 1 and {"seed", "data_seed"} & set(search):
         fail("[study] seeds trains every trial with its own seeds: do not also search seed or data_seed")
+    if spec.seeds > 1:  # seed k trains (seed + k, data_seed + k): the last one must still be a valid config
+        last = {"seed": base.seed + spec.seeds - 1, "data_seed": base.data_seed + spec.seeds - 1}
+        try:
+            base.replace(**last)
+        except ConfigError as exc:
+            fail(f"[study] seeds = {spec.seeds} trains seeds up to seed={last['seed']}, data_seed={last['data_seed']}: "
+                 f"{exc}")
     if "comprehension_delay" in phases:
         spec.comprehension_delay = phases["comprehension_delay"]
         if not is_integer(spec.comprehension_delay) or spec.comprehension_delay < 0:
@@ -244,6 +255,12 @@ def load_spec(path: str | Path) -> StudySpec:
         if math.prod(sizes) > MAX_GRID:
             fail(f"the {spec.sampler} sampler's space has {math.prod(sizes):,} points "
                  f"({' x '.join(map(str, sizes))}); at most {MAX_GRID:,}: coarsen `step` or list `values`")
+    if spec.sampler == "grid":
+        for param in spec.params:
+            points = param.grid()
+            if len(set(points)) != len(points):  # the grid would train the same point twice
+                repeated = next(v for v in points if points.count(v) > 1)
+                fail(f"search parameter {param.name}: the grid repeats the value {repeated!r}; list each value once")
     _check_corners(spec.params, base, fail)
     _dry_run(spec, fail)
     return spec
@@ -260,12 +277,34 @@ def is_number(value: Any) -> bool:
 MAX_CORNERS = 4096
 MAX_GRID = 100_000  # points of an enumerated search space (each one a trial): beyond it, a typo in `step`
 MAX_LOCKSTEP = 64  # trials trained together in one process (study/lockstep.py); beyond it, a typo
+MAX_SEEDS = 100  # trainings of one trial ([study] seeds), one after another; beyond it, a typo
+
+
+def _merge_grid(spec: StudySpec, grid: Any, base: Config, fail) -> None:
+    """``[sampler] search_space = { lr = [...] }``: the grid sampler's own grid replaces the [search] one, so its
+    values are checked here as ``values`` in [search] are (numbers of the right kind, valid configs, unique);
+    unchecked, a grid of invalid values failed every trial and the study still exited 0."""
+    if spec.sampler != "grid":
+        fail(f"[sampler] search_space is the grid sampler's; with sampler {spec.sampler!r} use [search]")
+    if not isinstance(grid, dict):
+        fail("[sampler] search_space must be a table of lists, such as { lr = [1e-3, 1e-2] }")
+    names = [p.name for p in spec.params]
+    if sorted(grid) != sorted(names):
+        fail(f"[sampler] search_space must name exactly the [search] parameters ({', '.join(names)}), "
+             f"got {', '.join(sorted(grid)) or 'none'}")
+    for index, param in enumerate(spec.params):
+        key = "choices" if param.type == "categorical" else "values"
+        spec.params[index] = _parse_param(param.name, {"type": param.type, key: grid[param.name], "log": param.log}, base,
+                                          lambda message: fail(f"[sampler] search_space: {message}"))
 
 
 def _check_corners(params: list[Param], base: Config, fail) -> None:
     """Every combination of the search space's extremes must be a valid config: a space that reaches invalid
-    configs would fail trials at run time (e.g. lr x weight_decay >= 1 at the top corner)."""
+    configs would fail trials at run time (e.g. lr x weight_decay >= 1 at the top corner). A grid of listed values:
+    every point (the first MAX_CORNERS)."""
     corners = [p.choices if p.type == "categorical" else [p.low, p.high] for p in params]
+    if all(p.values is not None or p.type == "categorical" for p in params):  # a grid: its points, not its corners
+        corners = [p.grid() for p in params]
     combinations = list(itertools.islice(itertools.product(*corners), MAX_CORNERS))
     for combination in combinations:
         values = {p.name: value for p, value in zip(params, combination)}
@@ -329,9 +368,11 @@ def _parse_param(name: str, body: Any, base: Config, fail) -> Param:
             fail(f"search parameter {name}: needs numeric `low` and `high`")
         if param.values is not None and not all(is_number(v) for v in param.values):
             fail(f"search parameter {name}: `values` must be numbers")
+        if param.values is not None and kind == "int" and not all(is_integer(v) for v in param.values):
+            fail(f"search parameter {name}: an int parameter's `values` must be integers")
         if kind == "int" and not (is_integer(low) and is_integer(high)):
             fail(f"search parameter {name}: an int range needs integer `low` and `high`, got {low!r}, {high!r}")
-        if not low < high:
+        if not (low < high or (param.values is not None and low == high)):  # a grid may hold one value
             fail(f"search parameter {name}: empty or inverted range (low {low} must be < high {high})")
         if param.log and low <= 0:
             fail(f"search parameter {name}: a log range needs low > 0, got {low}")
@@ -340,7 +381,7 @@ def _parse_param(name: str, body: Any, base: Config, fail) -> Param:
         if param.values is not None and any(not low <= v <= high for v in param.values):
             fail(f"search parameter {name}: `values` must lie within [{low}, {high}]")
         param.low, param.high = low, high
-        corners = [low, high]
+        corners = [low, high] if param.values is None else [low, high, *param.values]  # every grid value
     for value in corners:
         try:
             base.replace(**{name: value})

@@ -4,6 +4,7 @@ study, and let Optuna's heartbeats fail and retry the trials of a worker that di
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import time
 import warnings
@@ -78,21 +79,123 @@ def _lost_schema_race(error: BaseException) -> bool:
 
 
 def load_study(spec: StudySpec, storage, study_name: str, salt: str | None = None) -> optuna.Study:
-    """Load the study, or create it; ``salt``: see ``make_sampler``."""
-    return create_or_load_study(spec, storage, study_name, salt)[0]
+    """Load the study, or create it (a worker: its invocation queued a grid's points); ``salt``: see
+    ``make_sampler``."""
+    return create_or_load_study(spec, storage, study_name, salt, queue=False)[0]
 
 
-def create_or_load_study(spec: StudySpec, storage, study_name: str,
-                         salt: str | None = None) -> tuple[optuna.Study, bool]:
-    """(the study, whether this call created it). Exactly one of several simultaneous callers creates it."""
+def create_or_load_study(spec: StudySpec, storage, study_name: str, salt: str | None = None,
+                         queue: bool = True) -> tuple[optuna.Study, bool]:
+    """(the study, whether this call created it). Exactly one of several simultaneous callers creates it.
+
+    A stored study whose search space conflicts with the spec's is one StudyError (else every trial would fail in
+    ``suggest``). A grid study's points are queued here (``enqueue_grid``), once per invocation (``queue``)."""
     options = dict(study_name=study_name, storage=storage, pruner=make_pruner(spec), directions=spec.directions)
+    # a grid study trains only queued points (see enqueue_grid): its sampler is never asked for a value, and
+    # GridSampler would assign (and warn about) a point to a trial that gets none
+    sampler = (lambda: optuna.samplers.RandomSampler()) if spec.sampler == "grid" else \
+        (lambda: make_sampler(spec, salt))
     try:
         try:
-            return optuna.create_study(sampler=make_sampler(spec, salt), **options), True
+            study, created = optuna.create_study(sampler=sampler(), **options), True
         except optuna.exceptions.DuplicatedStudyError:
-            return optuna.create_study(sampler=make_sampler(spec, salt), load_if_exists=True, **options), False
+            study = optuna.create_study(sampler=sampler(), load_if_exists=True, **options)
+            created = False
     except ValueError as exc:  # e.g. the stored study has other directions
-        raise StudyError(f"study {study_name!r}: {str(exc).splitlines()[0]}") from None
+        raise StudyError(f"study {study_name!r}: {redact(str(exc).splitlines()[0])}") from None
+    if not created:
+        check_search_space(spec, study)
+    if spec.sampler == "grid" and queue:
+        enqueue_grid(spec, study)
+    return study, created
+
+
+def check_search_space(spec: StudySpec, study: optuna.Study) -> None:
+    """The spec's parameters must be compatible with those the stored trials were sampled from (same kind:
+    float, int or categorical with the same choices): Optuna refuses the others in ``suggest``, failing every
+    trial. A changed range of the same kind is allowed (Optuna's dynamic search spaces)."""
+    wanted = spec_distributions(spec)
+    for trial in study.get_trials(deepcopy=False):
+        for name, stored in trial.distributions.items():
+            if name in wanted:
+                try:
+                    optuna.distributions.check_distribution_compatibility(stored, wanted[name])
+                except ValueError as exc:
+                    raise StudyError(
+                        f"study {study.study_name!r} exists with another search space for {name} ({stored} in trial "
+                        f"{trial.number}; the spec has {wanted[name]}): {str(exc).splitlines()[0]}; give the study "
+                        f"another name (--study-name)") from None
+
+
+def spec_distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distributions of the spec's parameters, as a trial of it would record them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(0)).ask()
+        for param in spec.params:
+            param.suggest(trial)
+    return dict(trial.distributions)
+
+
+# ---------------------------------------------------------------------------------------------- grid studies
+# Optuna's GridSampler repeats points across workers by design (optuna #2039, #4627): a worker that asks while
+# every point is running or done re-evaluates one, and two workers asking at once may pick the same point. A grid
+# study instead queues each point as a WAITING trial (``enqueue_trial``, its point stored with it from its
+# creation), which Optuna hands to exactly one worker (``_pop_waiting_trial_id``: WAITING -> RUNNING is a
+# compare-and-set in the storage). ``grid_point_problem`` ends, untrained, a trial that is not a queued point or
+# whose point another live trial holds already.
+GRID_SURPLUS = "surplus: no grid point left (every point is queued, running or done)"
+
+
+def grid_points(spec: StudySpec) -> list[dict]:
+    names = [p.name for p in spec.params]
+    return [dict(zip(names, values)) for values in itertools.product(*(p.grid() for p in spec.params))]
+
+
+def point_of(trial: FrozenTrial, names: list[str]) -> tuple | None:
+    """The grid point a trial holds from its creation (queued: ``fixed_params``; a retry: its params), or None."""
+    fixed = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
+    if not all(name in fixed for name in names):
+        return None
+    return tuple(fixed[name] for name in names)
+
+
+def enqueue_grid(spec: StudySpec, study: optuna.Study) -> int:
+    """Queue every grid point that no trial holds or has finished (WAITING, RUNNING, COMPLETE, PRUNED): all of
+    them when the study is new, the failed or new ones when it is resumed. Two invocations resuming at the same
+    moment may queue a point twice; ``grid_point_problem`` lets only the first of the two train. Returns how
+    many it queued."""
+    names = [p.name for p in spec.params]
+    live = {point_of(t, names) for t in study.get_trials(deepcopy=False, states=LIVE_STATES)}
+    queued = 0
+    for point in grid_points(spec):
+        if tuple(point[name] for name in names) not in live:
+            study.enqueue_trial(point)
+            queued += 1
+    return queued
+
+
+LIVE_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def grid_point_problem(spec: StudySpec, study: optuna.Study, trial: optuna.Trial) -> str | None:
+    """Why this trial of a grid study must not train (None: it may): it holds no queued point (the queue was
+    empty when it was asked), or an earlier trial that has not failed holds the same point. Race-free: every
+    trial's point is in the storage from the trial's creation, and trials are numbered in creation order."""
+    names = [p.name for p in spec.params]
+    trials = study.get_trials(deepcopy=False)
+    this = next(t for t in trials if t.number == trial.number)
+    point = point_of(this, names)
+    if point is None:
+        return GRID_SURPLUS
+    for other in trials:
+        if other.number < trial.number and other.state in LIVE_STATES and point_of(other, names) == point:
+            return f"duplicate: trial {other.number} holds the same grid point"
+    return None
+
+
+def grid_queue_empty(study: optuna.Study) -> bool:
+    return not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
 def count_finished(study: optuna.Study) -> int:

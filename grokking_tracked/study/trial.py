@@ -16,6 +16,7 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import optuna
 from mlflow import MlflowClient
@@ -25,6 +26,7 @@ from ..config import Config
 from ..train import Callback, Trainer, TrainingStopped, TrainResult
 from ..tracking.experiment import system_metrics
 from ..tracking.runs import FAILED, FINISHED, KILLED, ROLE_TAG, TrackedRun, status_for
+from ..tracking.redact import redact
 from ..tracking.store import get_run
 from ..tracking.drawer import FigureDrawer
 from ..tracking.tracker import MlflowTracker
@@ -32,7 +34,7 @@ from .dashboard import DashboardNotes, link_trial_run
 from .objectives import Outcome, median_value
 from .pruners import DECISIONS_ATTR, SIGNALS_ATTR, Decision, Signals
 from .spec import StudySpec
-from .storage import is_surplus, retried_trial_number
+from .storage import GRID_SURPLUS, grid_point_problem, is_surplus, retried_trial_number
 
 # Tags of a trial's run (the keys optuna-integration's MLflowCallback uses where it has one).
 STUDY_NAME_TAG = "optuna.study_name"
@@ -148,8 +150,10 @@ class TrialRun:
         return False
 
 
-def close_stale_trial_run(client: MlflowClient, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
-    """End the MLflow run of a trial whose worker died (still RUNNING) FAILED; True if it did."""
+def close_stale_trial_run(client: MlflowClient, trial: optuna.trial.FrozenTrial, reason: str,
+                          status: str = FAILED) -> bool:
+    """End the MLflow run of a trial whose worker died (still RUNNING) FAILED (``status``: KILLED for a worker
+    stopped by an interrupt); True if it did."""
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if not run_id:
         return False
@@ -159,7 +163,7 @@ def close_stale_trial_run(client: MlflowClient, trial: optuna.trial.FrozenTrial,
         return False
     if run.info.status != RUNNING or run.data.tags.get(TRIAL_NUMBER_TAG) != str(trial.number):
         return False
-    TrialRun(TrackedRun(client, run_id, leased=False), trial.number).fail(reason)
+    TrialRun(TrackedRun(client, run_id, leased=False), trial.number)._end(FAIL, status, **{FAIL_REASON_TAG: reason[:500]})
     return True
 
 
@@ -253,14 +257,28 @@ def trial_value(trial: optuna.Trial, spec: StudySpec, config: Config, result: Tr
     return spec.target.score(Outcome(result, config, spec.penalty_factor, seconds_to_generalize))
 
 
-def seed_configs(config: Config, seeds: int) -> list[Config]:
-    """The configs of a seeded trial: model and data seeds offset together, seed k = (seed + k, data_seed + k)."""
-    return [config.replace(seed=config.seed + k, data_seed=config.data_seed + k) for k in range(seeds)]
+def seed_configs(config: Config, seeds: int) -> Iterator[Config]:
+    """The configs of a seeded trial: model and data seeds offset together, seed k = (seed + k, data_seed + k);
+    made one at a time, as each seed starts (a trial trains them one after another)."""
+    return (config.replace(seed=config.seed + k, data_seed=config.data_seed + k) for k in range(seeds))
 
 
 class SurplusTrial(RuntimeError):
     """A trial asked while the finished and earlier running trials already make --n-trials (workers asked at the
     same moment): it trains nothing, opens no run, and ends FAIL with this reason; its worker stops."""
+
+
+def skip_grid_duplicate(spec: StudySpec, trial: optuna.Trial) -> None:
+    """A grid study's trial that holds no queued point, or one another live trial holds: it trains nothing, opens no
+    run, and ends FAIL with the reason (``SurplusTrial``); with no point left, its worker stops."""
+    if spec.sampler != "grid":
+        return
+    problem = grid_point_problem(spec, trial.study, trial)
+    if problem is not None:
+        trial.set_user_attr(FAIL_REASON_ATTR, problem)
+        if problem == GRID_SURPLUS:
+            trial.study.stop()
+        raise SurplusTrial(problem)
 
 
 class SeedFailed(RuntimeError):
@@ -274,11 +292,20 @@ class Objective:
         self.context = context
 
     def __call__(self, trial: optuna.Trial):
+        try:
+            return self.run(trial)
+        except Exception as error:  # the reason, where every trial's is looked for (a run may not exist yet)
+            if not isinstance(error, optuna.TrialPruned) and FAIL_REASON_ATTR not in trial.user_attrs:
+                trial.set_user_attr(FAIL_REASON_ATTR, redact(f"{type(error).__name__}: {error}")[:500])
+            raise
+
+    def run(self, trial: optuna.Trial):
         context = self.context
         if context.n_trials is not None and is_surplus(trial.study, trial.number, context.n_trials):
             trial.set_user_attr(FAIL_REASON_ATTR, f"surplus: {context.n_trials} trials finished or running")
             trial.study.stop()
             raise SurplusTrial(f"surplus trial: {context.n_trials} trials already finished or running")
+        skip_grid_duplicate(context.spec, trial)
         config = trial_config(context.spec, trial)
         if context.spec.seeds > 1:
             return self.seeded(trial, config)

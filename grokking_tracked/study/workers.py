@@ -8,7 +8,9 @@ Optuna's verbosity), as the CLI is for the main process.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import math
 import multiprocessing
 import os
@@ -22,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..tracking.redact import redact
-from ..tracking.runs import ROLE_TAG, TrackedRun
+from ..tracking.runs import KILLED, ROLE_TAG, TrackedRun
 from ..tracking.drawer import FigureDrawer
 from ..train import THREADS_ENV, available_cores, check_runnable
 from ..tracking.experiment import LOCAL_UI
@@ -31,14 +33,16 @@ from .dashboard import DashboardNotes, annotate_study, run_page_url, ui_base
 from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec
-from .storage import (count_finished, create_or_load_study, default_storage, load_study,
+from .storage import (count_finished, create_or_load_study, default_storage, grid_queue_empty, load_study,
                       open_storage, room_for_trials, sweep_stale_trials)
-from .trial import STUDY_NAME_TAG, Objective, StudyContext, close_stale_trial_run
+from .trial import (FAIL_REASON_ATTR, STUDY_NAME_TAG, WORKER_ATTR, Objective, StudyContext,
+                    close_stale_trial_run)
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's parent run, found again by every worker
 STUDY_ROLE = "study"
 SPEC_ARTIFACT = "study_spec.toml"
 MAX_CONSECUTIVE_FAILURES = 3
+UNTRAINED_PREFIXES = ("surplus", "duplicate")  # fail reasons of trials that trained nothing by design
 PARENT_WAIT_SECONDS = 60.0  # a joining invocation waits this long for the creator's parent run
 PARENT_POLL_SECONDS = 0.5
 BACKGROUND_WAIT_SECONDS = 300.0  # bounded: a worker stopping on Ctrl-C must not hang on a server that is away
@@ -73,6 +77,8 @@ class FailureGuard:
         self.tripped = False
 
     def __call__(self, study: optuna.Study, trial) -> None:
+        if untrained(trial):  # a surplus or duplicate trial: no failure of training
+            return
         self.consecutive = self.consecutive + 1 if trial.state == TrialState.FAIL else 0
         if self.consecutive >= MAX_CONSECUTIVE_FAILURES:
             self.tripped = True
@@ -84,12 +90,35 @@ class StopAtNTrials:
     finish N + 1. This callback also counts the trials running elsewhere: while they would make up N it waits for
     them (``room_for_trials``), then stops the worker once N have finished, or lets it go on if one failed."""
 
-    def __init__(self, n_trials: int, deadline: float | None):
-        self.n_trials, self.deadline = n_trials, deadline
+    def __init__(self, n_trials: int, deadline: float | None, grid: bool = False):
+        self.n_trials, self.deadline, self.grid = n_trials, deadline, grid
 
     def __call__(self, study: optuna.Study, trial) -> None:
-        if room_for_trials(study, self.n_trials, self.deadline) == 0:
+        if (self.grid and grid_queue_empty(study)) or room_for_trials(study, self.n_trials, self.deadline) == 0:
             study.stop()
+
+
+def untrained(trial) -> bool:
+    """A trial that trained nothing by design: surplus to --n-trials, or a grid point held by another trial."""
+    return str(trial.user_attrs.get(FAIL_REASON_ATTR, "")).startswith(UNTRAINED_PREFIXES)
+
+
+@contextlib.contextmanager
+def one_line_trial_failures():
+    """While trials run here: Optuna's "Trial N failed ... because of the following error" warning without its
+    traceback (a failed trial's reason is on its run and in its user attrs; a traceback on the terminal reads as
+    a crash of the command), and without the "failed with value None" line after it. Restored afterwards."""
+
+    def one_line(record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return not record.getMessage().endswith("failed with value None.")
+
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addFilter(one_line)
+    try:
+        yield
+    finally:
+        logger.removeFilter(one_line)
 
 
 class TrialLine:
@@ -101,6 +130,8 @@ class TrialLine:
     def __call__(self, study: optuna.Study, trial) -> None:
         outcome = (f"value {', '.join(f'{v:g}' for v in trial.values)}" if trial.state == TrialState.COMPLETE
                    else trial.state.name)
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_REASON_ATTR):  # why, in one line
+            outcome += f": {str(trial.user_attrs[FAIL_REASON_ATTR]).strip().splitlines()[0][:200]}"
         run_id = trial.user_attrs.get("mlflow_run_id", "-")
         self.echo(f"trial {trial.number}: {outcome} (MLflow run {run_id})")
 
@@ -128,11 +159,15 @@ def optimize(settings: StudySettings, client=None, echo=print, drawer: FigureDra
                                progress=settings.progress, threads=settings.threads, drawer=drawer,
                                notes=DashboardNotes(settings.storage, settings.study_name, side=drawer),
                                system_metrics=settings.system_metrics, n_trials=settings.n_trials)
-        if settings.lockstep > 1:
-            optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
-            return
-        study.optimize(Objective(context), timeout=settings.timeout, catch=(Exception,),
-                       callbacks=[guard, TrialLine(echo), StopAtNTrials(settings.n_trials, deadline)])
+        grid = spec.sampler == "grid"
+        if grid and grid_queue_empty(study):
+            return  # every grid point is running or done
+        with one_line_trial_failures():
+            if settings.lockstep > 1:
+                optimize_lockstep(study, context, settings.lockstep, settings.n_trials, settings.timeout)
+                return
+            study.optimize(Objective(context), timeout=settings.timeout, catch=(Exception,),
+                           callbacks=[guard, TrialLine(echo), StopAtNTrials(settings.n_trials, deadline, grid)])
     finally:  # the last trials' figures and final status, still on their way; the figure process in every case
         if own_drawer:
             finish_background(drawer)
@@ -280,18 +315,46 @@ def run_study(spec_path: str, n_trials: int | None = None, timeout: float | None
             settings = StudySettings(str(Path(spec_path).resolve()), n_trials, storage, study_name, tracking_uri,
                                      experiment, parent.run_id, timeout, progress=progress and n_workers == 1,
                                      lockstep=lockstep, system_metrics=system_metrics)
+            before = {t.number: t.state for t in study.get_trials(deepcopy=False)}
             if n_trials > count_finished(study):
-                run_workers(settings, n_workers, visible, echo, salts, client, drawer)
+                run_workers(settings, n_workers, visible, echo, salts, client, drawer, study)
             # the parent run's figures are drawn here while the last trials' are still drawn in the figure process
             summary = finalize(study, spec, parent, rdb.grace_period or 0, rdb.heartbeat_interval or 0)
+            check_some_trial_trained(study, before)  # else the parent run ends FAILED and the command with 1
     finally:
         finish_background(drawer)
     summary["runs_url"] = runs_view_url(client, parent.experiment_id, None if is_remote(tracking_uri) else LOCAL_UI)
     return summary
 
 
+def check_some_trial_trained(study: optuna.Study, before: dict) -> None:
+    """A StudyError if every trial this invocation ended failed (none COMPLETE or PRUNED; surplus and duplicate
+    trials aside): a study of only failing trials must not exit 0 (seen: 0 of 2 trials complete, exit 0)."""
+    ended = [t for t in study.get_trials(deepcopy=False)
+             if t.state.is_finished() and before.get(t.number) != t.state and not untrained(t)]
+    failed = [t for t in ended if t.state == TrialState.FAIL]
+    if failed and len(failed) == len(ended):
+        last = failed[-1]
+        reason = str(last.user_attrs.get(FAIL_REASON_ATTR) or last.system_attrs.get("fail_reason") or "")
+        reason = reason.strip().splitlines()[0] if reason.strip() else "see the FAILED runs in MLflow"
+        raise StudyError(f"every trial failed ({len(failed)} of {len(ended)}); trial {last.number}: {redact(reason)}")
+
+
+def fail_interrupted_trials(study: optuna.Study, client, workers: set[str]) -> None:
+    """After an interrupt: the trials still RUNNING in these worker processes (``host:pid``) end FAIL in Optuna
+    and their runs KILLED. A worker stopped between its training and Optuna's ``tell``, or while Optuna
+    handled its exception, left its trial RUNNING until its heartbeat went stale."""
+    try:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get(WORKER_ATTR) in workers:
+                close_stale_trial_run(client, trial, "interrupted (Ctrl-C or SIGTERM)", status=KILLED)
+                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    except Exception:  # noqa: BLE001 - the storage is away: the trials' heartbeats fail them later
+        pass
+
+
 def run_workers(settings: StudySettings, workers: int, visible: list[str | None], echo, salts: list[str | None],
-                client, drawer: FigureDrawer) -> None:
+                client, drawer: FigureDrawer, study: optuna.Study | None = None) -> None:
     """Worker 0 is this process, with its client and figure process: it has loaded torch, TransformerLens and
     mlflow and opened the stores already, which a spawned worker does again (~7 CPU s here). Workers 1.. are
     spawned processes; one that fails does not stop the others, nor does this one's ``StudyError``."""
@@ -326,6 +389,13 @@ def run_workers(settings: StudySettings, workers: int, visible: list[str | None]
                 process.terminate()  # SIGTERM: the worker's run ends KILLED, its trial FAIL
         for process in processes:
             process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        if study is not None:
+            host = socket.gethostname()
+            fail_interrupted_trials(study, client, {f"{host}:{pid}" for pid in
+                                                    (os.getpid(), *(p.pid for p in processes))})
         raise
     failed = [p for p in processes if p.exitcode not in (0, None)]
     if failure is not None and len(failed) == len(processes):

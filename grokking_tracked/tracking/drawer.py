@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import signal
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -49,7 +50,11 @@ class FigureDrawer:
 def _end_with_parent() -> None:
     """In the figure process: exit when the process that started it ends. A worker killed with SIGKILL cannot shut
     its pool down, and the pool's process waited for work forever (it holds its queue's write end too, so it never
-    sees end-of-file): one ~270 MB process left behind per killed worker."""
+    sees end-of-file): one ~270 MB process left behind per killed worker.
+
+    Ctrl-C reaches the whole process group, this process too: it ignores it (its traceback reached the terminal,
+    and the figures of a trial that had just finished were lost); its parent ends it by shutting the pool down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def wait_then_exit() -> None:
         multiprocessing.parent_process().join()

@@ -65,6 +65,7 @@ def _stderr_line(line: str) -> None:
     print(f"grokking-tracked: {line}", file=sys.stderr, flush=True)
 
 
+MISSING_FILES_TAG = "grokking_tracked.missing.{path}"  # files a run lacks, and why (e.g. figures: interrupted)
 _BACKGROUND: list[threading.Thread] = []  # runs finishing in the background (TrackedRun.end(background=True))
 
 
@@ -441,8 +442,12 @@ class TrackedRun:
             try:
                 for path in files.result():
                     self.log_file(path, artifact_path, move=True)
-            except Exception as error:  # noqa: BLE001 - a figure is a view of the data, not the data
+            except BaseException as error:  # noqa: BLE001 - a figure is a view of the data, not the data (and an
+                # interrupted figure process re-raises its KeyboardInterrupt here, in a background thread)
+                if not isinstance(error, Exception) and threading.current_thread() is threading.main_thread():
+                    raise  # the user's own Ctrl-C
                 self.echo(f"could not make {artifact_path}/ of run {self.run_id}: {short_error(error)}")
+                self.set_tags({MISSING_FILES_TAG.format(path=artifact_path): short_error(error)[:250]})
         self._later.clear()
         if not self.appends:
             self.outbox.set_status(status)
