@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from _machine import describe
-from grokking_tracked.tracking.outbox import Outbox
+from grokking_tracked.tracking.delivery.outbox import Outbox
 from speed import mlflow_server
 
 KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm", "lr")

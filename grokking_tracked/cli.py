@@ -57,7 +57,7 @@ def configure_process(optuna_quiet: bool = False) -> None:
 
 def check_spool(tracking_uri: str | None) -> None:
     """The local spool can be made and written, before any run exists (a dangling link there once hung ``run``)."""
-    from .tracking.spool import check_spool as check
+    from .tracking.delivery.spool import check_spool as check
     from .tracking.store import resolve_tracking_uri
 
     check(resolve_tracking_uri(tracking_uri))

@@ -23,7 +23,8 @@ CORE = {"config", "data", "model", "train", "detect", "measures", "measure_regis
 TORCH_CORE = {"model", "train", "measures", "checkpoints", "fourier", "metrics", "optim", "fastpath", "lockstep",
               "data"}
 # tracking modules that must not need torch: the run life cycle, durable delivery, the trust boundary, names
-TORCH_FREE_TRACKING = {"runs", "store", "artifacts", "redact", "outbox", "spool", "lease", "outage", "names"}
+TORCH_FREE_TRACKING = {"runs", "store", "artifacts", "redact", "names", "delivery", "delivery.outbox", "delivery.spool",
+                       "delivery.lease", "delivery.outage"}
 
 
 def module_name(path: Path) -> str:
@@ -152,3 +153,14 @@ def test_tracking_life_cycle_and_delivery_need_no_torch():
 
     assert edges(lambda a: a.removeprefix("tracking.") in TORCH_FREE_TRACKING and a.startswith("tracking."),
                  torch_side, top_only=True) == []
+
+
+def test_durable_delivery_is_a_subpackage_that_knows_nothing_above_it():
+    """tracking/delivery/ (outbox, spool, lease, outage) imports, at import time, only itself and libraries; the one
+    LoggedModel operation reaches tracking/models.py inside the function that delivers it."""
+    delivery = {name for name in MODULES if name.startswith("grokking_tracked.tracking.delivery")}
+    assert {"grokking_tracked.tracking.delivery.outbox", "grokking_tracked.tracking.delivery.spool",
+            "grokking_tracked.tracking.delivery.lease", "grokking_tracked.tracking.delivery.outage"} <= delivery
+    assert edges(lambda a: a.startswith("tracking.delivery"),
+                 lambda b: b.startswith("grokking_tracked") and not b.startswith("grokking_tracked.tracking.delivery"),
+                 top_only=True) == []

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from grokking_tracked.tracking.lease import (LEASE_TAG, LeaseKeeper, lease_state, lease_value, process_identity,
+from grokking_tracked.tracking.delivery.lease import (LEASE_TAG, LeaseKeeper, lease_state, lease_value, process_identity,
                                     this_host)
 
 HOST, NOW, GRACE = this_host(), 1_800_000_000.0, 300.0

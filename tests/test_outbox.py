@@ -22,8 +22,8 @@ import pytest
 from mlflow import MlflowClient
 
 from faultproxy import FaultProxy, MlflowServer
-from grokking_tracked.tracking.outbox import Outbox, deliver_spool
-from grokking_tracked.tracking.spool import ENTRY_NAME
+from grokking_tracked.tracking.delivery.outbox import Outbox, deliver_spool
+from grokking_tracked.tracking.delivery.spool import ENTRY_NAME
 
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm", "lr")
 EVAL_EVERY, CHECKPOINT_EVERY = 10, 200
@@ -261,7 +261,7 @@ def test_server_still_away_at_the_end_leaves_the_spool_for_later(mlflow_server, 
 WRITER = textwrap.dedent("""
     import json, sys, time
     from mlflow import MlflowClient
-    from grokking_tracked.tracking.outbox import Outbox
+    from grokking_tracked.tracking.delivery.outbox import Outbox
     sys.path.insert(0, {tests!r})
     from test_outbox import RunStream
     outbox = Outbox(MlflowClient({url!r}), {run_id!r}, spool_root={spool!r}, echo=lambda line: None, max_backoff=0.5)

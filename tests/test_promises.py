@@ -15,7 +15,7 @@ from faultproxy import FaultProxy
 from grokking_tracked.cli import main
 from grokking_tracked.config import Config
 from grokking_tracked.detect import detect_events
-from grokking_tracked.tracking.lease import LEASE_TAG
+from grokking_tracked.tracking.delivery.lease import LEASE_TAG
 from test_core import synthetic
 
 

@@ -51,7 +51,7 @@ def test_source_under_python_m_is_the_command(monkeypatch):
 def test_a_dataset_row_inserted_by_a_concurrent_writer_is_retried_not_refused():
     from sqlalchemy.exc import IntegrityError
 
-    from grokking_tracked.tracking.outage import is_transient
+    from grokking_tracked.tracking.delivery.outage import is_transient
 
     race = IntegrityError("INSERT INTO datasets ...", {}, Exception(
         "UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"))

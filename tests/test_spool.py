@@ -12,8 +12,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from conftest import free_port
-from grokking_tracked.tracking.outbox import Outbox, deliver_spool, run_spool_dir
-from grokking_tracked.tracking.spool import SPOOL_ENV, spool_root_for
+from grokking_tracked.tracking.delivery.outbox import Outbox, deliver_spool, run_spool_dir
+from grokking_tracked.tracking.delivery.spool import SPOOL_ENV, spool_root_for
 
 
 def test_local_store_spools_beside_its_database(tmp_path, monkeypatch):

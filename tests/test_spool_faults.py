@@ -54,7 +54,7 @@ def test_a_writer_directory_under_a_dangling_link_is_refused_not_retried_forever
     (tmp_path / "run").symlink_to(tmp_path / "gone")
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from grokking_tracked.tracking.spool import SpoolUnusable, new_writer_dir
+        from grokking_tracked.tracking.delivery.spool import SpoolUnusable, new_writer_dir
         try:
             new_writer_dir(Path({str(tmp_path / 'run')!r}) , "abc", "sqlite:///x.db")
         except SpoolUnusable as error:

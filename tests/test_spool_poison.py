@@ -20,8 +20,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import free_port, run_cli
-from grokking_tracked.tracking.outbox import Outbox
-from grokking_tracked.tracking.spool import ENTRY_NAME, new_writer_dir, spool_root_for
+from grokking_tracked.tracking.delivery.outbox import Outbox
+from grokking_tracked.tracking.delivery.spool import ENTRY_NAME, new_writer_dir, spool_root_for
 
 KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "grad_norm", "lr")
 
@@ -152,7 +152,7 @@ def spool_mount(tmp_path):
 @pytest.mark.parametrize("fault", ["read-only", "full"])
 def test_a_spool_that_refuses_writes_while_a_run_ends_leaves_the_run_failed(tmp_path, spool_mount, fault):
     from grokking_tracked.tracking import TrackedRun
-    from grokking_tracked.tracking.spool import SpoolUnusable
+    from grokking_tracked.tracking.delivery.spool import SpoolUnusable
     from grokking_tracked.tracking.store import connect
 
     if fault == "full":

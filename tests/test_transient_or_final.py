@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from faultproxy import MLFLOW_500, PROXY_404_PAGE
-from grokking_tracked.tracking.outbox import POISON_TRIES, Outbox, deliver_spool
+from grokking_tracked.tracking.delivery.outbox import POISON_TRIES, Outbox, deliver_spool
 from test_outbox import (RunStream, assert_run_complete, fast_failing_client, new_run, proxy,  # noqa: F401 - fixtures
                          server_steps, wait_until)
 

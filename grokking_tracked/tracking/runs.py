@@ -26,13 +26,13 @@ from mlflow.entities import Metric, Param
 
 from ..config import Config
 from ..config import TrainingStopped
-from .lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
+from .delivery.lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
 from .artifacts import checked
-from .outage import is_transient
-from .outbox import BACKOFF_MAX_S, BACKOFF_START_S, TERMINATE_WAIT_SECONDS, Outbox, deliver_spool, terminate_within
+from .delivery.outage import is_transient
+from .delivery.outbox import BACKOFF_MAX_S, BACKOFF_START_S, TERMINATE_WAIT_SECONDS, Outbox, deliver_spool, terminate_within
 from .provenance import context_tags, dataset_inputs, default_run_name
 from .redact import redact, redact_values, without_userinfo
-from .spool import SpoolDelivery, run_spool_dir, spool_root_for, spooled_entries, writer_dirs
+from .delivery.spool import SpoolDelivery, run_spool_dir, spool_root_for, spooled_entries, writer_dirs
 from .store import TrackingError, check_artifact_location, ensure_experiment, get_run
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
@@ -179,7 +179,7 @@ def sync(tracking_uri: str | None, timeout: float, echo: Callable[[str], None] |
 def _fail_unless_written(client: MlflowClient, root: Path, run_id: str) -> None:
     """End a RUNNING run FAILED if no live process writes it (its spool's writers are all dead): its data will
     not reach this server."""
-    from .spool import Busy, lock_writer_dir
+    from .delivery.spool import Busy, lock_writer_dir
 
     for writer, _ in writer_dirs(run_spool_dir(root, run_id)):
         try:

@@ -645,7 +645,7 @@ class Outbox:
             self.client.log_inputs(self.run_id, datasets=[
                 DatasetInput(Dataset(**d["dataset"]), [InputTag(k, v) for k, v in d["tags"]]) for d in entry["datasets"]])
         elif entry["op"] == "model":
-            from .models import deliver_model
+            from ..models import deliver_model  # the one operation that needs the MLflow mapping: a LoggedModel
 
             deliver_model(self.client, self.run_id, entry, self._dir / entry["file"])
         elif entry["op"] == "status":
