@@ -392,6 +392,11 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from .tracking.redact import password_of, remember, remember_argv  # (standard library: --help stays light)
+
+    # every line we print is redacted of these literally too (a storage's error may quote its URL in any form)
+    remember_argv(list(sys.argv[1:] if argv is None else argv))
+    remember(password_of(os.environ.get("MLFLOW_TRACKING_URI", "")))
     try:
         _dispatch(argv)
     finally:
@@ -407,6 +412,8 @@ def skip_final_collection() -> None:
 
 
 def _dispatch(argv: list[str] | None) -> None:
+    from .tracking.redact import redact
+
     try:
         cli.main(args=argv, prog_name="grokking-tracked", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -415,7 +422,7 @@ def _dispatch(argv: list[str] | None) -> None:
         click.echo("grokking-tracked: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"grokking-tracked: error: {exc.format_message()}", err=True)
+        click.echo(f"grokking-tracked: error: {redact(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("grokking-tracked: interrupted", err=True)
@@ -426,7 +433,7 @@ def _dispatch(argv: list[str] | None) -> None:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         prefix = "" if user_error else f"{type(exc).__name__}: "
-        click.echo(f"grokking-tracked: error: {prefix}{message}", err=True)
+        click.echo(f"grokking-tracked: error: {prefix}{redact(message)}", err=True)
         sys.exit(1)
 
 
