@@ -130,14 +130,13 @@ def redact(text: str) -> str:
     """``text`` with every secret it names replaced by ``***`` (see the module docstring); the rest unchanged."""
     if not text:
         return text
-    text = str(text)
+    text = _redact_known(str(text))  # first: a pattern could leave only pieces of a known secret to find
     if _SCHEME.match(text) and not any(char.isspace() for char in text):
-        return _redact_known(redact_url(text))  # one URI: structurally
+        return redact_url(text)  # one URI: structurally
     text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text)
     text = _WEB_TOKEN.sub(lambda m: f"{m['head']}{MASK}@", text)
     text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m['key']}={MASK}", text)
-    text = _SECRET_OPTION.sub(lambda m: f"{m['option']}{m['gap']}{MASK}", text)
-    return _redact_known(text)
+    return _SECRET_OPTION.sub(lambda m: f"{m['option']}{m['gap']}{MASK}", text)
 
 
 def redact_argv(argv: list[str]) -> list[str]:
