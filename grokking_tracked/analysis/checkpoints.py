@@ -82,10 +82,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_checkpoint(state: dict[str, Any]):
-    from ..config import Config, ConfigError
+    """The checkpoint's config, checked as a whole (``config.stored_config``: fields, domains, a model that fits
+    in memory) before any model is built from it."""
+    from ..config import ConfigError, stored_config
 
     try:
-        return Config.from_dict(state["config"])
+        return stored_config(state["config"], "its config")
     except ConfigError as error:
         raise CheckpointError(f"checkpoint has an invalid config: {error}") from None
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..config import Config, UserError
+from ..config import Config, ConfigError, UserError, config_file
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MODEL_FILES = {MODEL_FILE, CONFIG_FILE}
@@ -114,8 +114,11 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     with tempfile.TemporaryDirectory(prefix="grokking-model-") as scratch:
         for name in sorted(MODEL_FILES):
             repository.download_artifacts(name, scratch)
+        try:  # the config first, as a whole: a model is built only from one that is ours and fits in memory
+            config = config_file(Path(scratch) / CONFIG_FILE, f"the {CONFIG_FILE} of logged model {model_id}")
+        except ConfigError as exc:
+            raise ModelError(f"{exc}; refusing to load it") from None
         try:
-            config = Config.from_dict(json.loads((Path(scratch) / CONFIG_FILE).read_text()))
             state = load_file(Path(scratch) / MODEL_FILE)
         except (SafetensorError, ValueError, OSError) as exc:
             raise ModelError(f"logged model {model_id}: {MODEL_FILE} is not a safetensors file of ours "
