@@ -66,6 +66,8 @@ class Domain:
         return f"must be {noun} in {self}, got {value!r}" if too_low or too_high else None
 
 
+MAX_CUDA_INDEX = 10_000  # cuda:N beyond this is a typo (torch.device overflows past 2^63 with a RuntimeError)
+_CUDA_INDEX = re.compile(r"cuda:(0|[1-9]\d{0,3})", re.A)  # ASCII digits only: str.isdigit() also takes '²'
 BIG = 10 ** 9  # step counts beyond this are typos, not experiments
 FIELD_DOMAINS: dict[str, Domain] = {
     "p": Domain(int, 3, 5000), "train_frac": Domain(float, 0, 1, True, True), "data_seed": Domain(int, 0, 2 ** 63 - 1),
@@ -195,9 +197,8 @@ class Config:
         need(not (self.curriculum and self.batch_size), "curriculum and batch_size > 0 cannot be combined")
         need(self.stop_after != "cleanup_end" or self.progress_every > 0,
              "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
-        need(isinstance(self.device, str) and (self.device in DEVICES or
-                                               (self.device.startswith("cuda:") and self.device[5:].isdigit())),
-             f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")
+        need(isinstance(self.device, str) and (self.device in DEVICES or _CUDA_INDEX.fullmatch(self.device)),
+             f"unknown device {_shown(self.device)}; choose one of {', '.join(DEVICES)} or cuda:N (N < {MAX_CUDA_INDEX})")
         return self
 
     @property
@@ -242,8 +243,6 @@ class Config:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Config)}
-# a number as typed on a command line: ASCII digits, an optional sign, point and exponent (inf/nan: the domain says)
-_PLAIN_NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)", re.I | re.A)
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -253,11 +252,11 @@ def coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} expects a {kind}, got {value!r}")
     if kind == "bool" and not isinstance(value, (bool, str)) and value not in (0, 1):
         raise ConfigError(f"{name} expects true or false, got {value!r}")
-    if kind in ("int", "float") and isinstance(value, str) and not _PLAIN_NUMBER.fullmatch(value.strip()):
-        # int() and float() also take '٢٣' (Arabic-Indic digits) and '2_0' (digit groups): a value that
-        # reads as another number than it looks, refused as names are (name_problem)
-        raise ConfigError(f"{name} expects a plain {kind} written with ASCII digits (e.g. 97, 1e-3), got "
-                          f"{_shown(value)}")
+    if kind in ("int", "float") and isinstance(value, str) and (not value.isascii() or "_" in value):
+        # int() and float() also take '٢٣' (Arabic-Indic digits) and '2_0' (digit groups): a value that reads
+        # as another number than it looks, refused as names are (name_problem)
+        raise ConfigError(f"{name} expects a {kind} written with ASCII digits 0-9 and no '_' (e.g. 97, 1e-3), "
+                          f"got {_shown(value)}")
     try:
         if kind == "bool":
             if isinstance(value, str):
