@@ -210,6 +210,24 @@ def test_redact_hides_passwords_in_uris_secret_options_and_assignments():
     assert redact(harmless) == harmless
 
 
+@pytest.mark.parametrize("encoded", [True, False], ids=["percent-encoded", "raw"])
+def test_the_command_tag_holds_no_piece_of_a_password_with_quotes(encoded):
+    """Each argv element is redacted before it is shell-quoted: quoting first split a password holding ``'``
+    (``'pa'"'"'ss'``) into pieces no redaction recognised."""
+    from grokking_tracked.tracking.provenance import command_line
+    from grokking_tracked.tracking.redact import redact
+
+    password, markers = hard_password()
+    def uri(base, user):
+        return with_password(base, user, password) if encoded else f"{base.replace('://', f'://{user}:{password}@')}"
+    tracking, storage = uri("http://127.0.0.1:5000", "alice"), uri("postgresql://127.0.0.1:5432/optuna", "bob")
+    argv = ["grokking-tracked", "study", "s.toml", "--tracking-uri", tracking, f"--storage={storage}",
+            "--storage", storage, "--set", f"note={tracking}", "--password", password, f"--api-key={password}"]
+    line = redact(command_line(argv))  # as TrackedRun writes the tag
+    assert not any(marker in line for marker in markers), line
+    assert "--tracking-uri 'http://alice:***@127.0.0.1:5000'" in line and "--password ***" in line.replace("'", "")
+
+
 def test_every_tag_param_and_text_a_tracked_run_writes_is_redacted(mlflow_server, tmp_path):
     from mlflow.entities import Param
 
