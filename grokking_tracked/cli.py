@@ -29,6 +29,7 @@ MLFLOW_CLIENT_ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # ours shows checkpoint by checkpoint
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # its "🏃 View run" lines when a run ends (we print links)
     "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 SYSTEM_METRICS_HELP = ("Also log MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, "

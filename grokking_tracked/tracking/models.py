@@ -89,9 +89,17 @@ def model_id_of(model_uri: str) -> str:
     return model_uri
 
 
-def load_model(model_uri: str, tracking_uri: str | None = None):
+def load_model(model_uri: str, tracking_uri: str | None = None, progress: bool = False):
     """The ``GrokkingTransformer`` of a LoggedModel logged by a run of ours (``models:/m-...`` or ``m-...``), on the
-    CPU, in eval mode. Nothing is unpickled: the weights are read with safetensors, the config from JSON."""
+    CPU, in eval mode. Nothing is unpickled: the weights are read with safetensors, the config from JSON (checked
+    as a whole before the model is built). ``progress``: show MLflow's download bars (off: a quiet call)."""
+    from .artifacts import quiet_mlflow
+
+    with quiet_mlflow(progress):
+        return _load_model(model_uri, tracking_uri)
+
+
+def _load_model(model_uri: str, tracking_uri: str | None):
     from mlflow.exceptions import MlflowException
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -509,6 +509,10 @@ class Outbox:
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         if kept:
             line = f"run {self.run_id}: {message}"
+        elif isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+            # a local file we could not read: no server was asked (a requests error is an OSError, not these)
+            line = (f"{_describe(entry)} of run {self.run_id} was not sent: its local copy cannot be read "
+                    f"({message}); set aside in {failed}")
         else:
             why = f"after {tries} refusals while it answered other requests; " if tries else ""
             line = (f"the tracking server refused {_describe(entry)} of run {self.run_id} ({why}{message}); "
