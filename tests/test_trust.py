@@ -210,6 +210,17 @@ def test_redact_hides_passwords_in_uris_secret_options_and_assignments():
     assert redact(harmless) == harmless
 
 
+def test_structural_redaction_keeps_what_is_not_a_secret():
+    from grokking_tracked.tracking.redact import redact, redact_argv, without_userinfo
+
+    for harmless in ("sqlite:////tmp/a:b@c/mlflow.db", "file:///x:y@z", "postgresql://postgres@127.0.0.1:5432/db",
+                     "http://127.0.0.1:5000", "mlflow-artifacts:/1/2/artifacts"):
+        assert redact(harmless) == harmless and redact_argv([harmless]) == [harmless]
+    assert redact("postgresql://u:p'w@h:5432/db?sslmode=require&password=x'y") == \
+        "postgresql://u:***@h:5432/db?sslmode=require&password=***"
+    assert without_userinfo("http://u:p'w@h:5000/x?token=abc") == "http://h:5000/x?token=***"
+
+
 @pytest.mark.parametrize("encoded", [True, False], ids=["percent-encoded", "raw"])
 def test_the_command_tag_holds_no_piece_of_a_password_with_quotes(encoded):
     """Each argv element is redacted before it is shell-quoted: quoting first split a password holding ``'``

@@ -50,6 +50,8 @@ def _userinfo_split(url: str) -> tuple[str, str, str] | None:
     if not match:
         return None
     head, rest = url[:match.end()], url[match.end():]
+    if rest.startswith("/"):  # scheme:/// (sqlite:////tmp/a@b/x.db): no authority, so no userinfo
+        return None
     try:
         netloc = urlsplit(url).netloc if url.isprintable() else ""
     except ValueError:  # e.g. an unbalanced "[" (an IPv6 host) in the password
