@@ -12,13 +12,17 @@ gradient filter (alpha 0.98, lambda 2: a dict of per-parameter EMAs), the step, 
 then the same pass without gradients over the validation half in batches of 512. Left out: the plots and
 ``torch.save`` of the results every 100 epochs (file output, not training) and tqdm's bar.
 
-Both sides train the same number of optimizer steps with the EMA filter on and evaluate once per epoch (ours:
-``eval_every`` 10 = one epoch of 10 batches; the whole p^2 table in one pass). Rounds alternate A/B; one torch
-thread each (see --threads for the paper's loop); on a loaded machine the steps per CPU second are the figure
-to read (both loops are single-threaded), the steps per wall second depend on what else runs. Ours counts its
-step-0 evaluation too (one more pass than the paper's loop makes).
+Both sides are whole commands, timed from launch to exit (start-up, imports, data, training and evaluation
+included; nothing here is compiled): the paper's loop as a script, ours as ``grokking-tracked run --preset
+grokfast2024`` with the EMA command (``--grokfast-lambda 2 --weight-decay 0.005``), tracked into a new local store
+and drawing its figures, as a user runs it. Both train the same number of optimizer steps and evaluate the
+held-out half once per epoch (ours: ``eval_every`` 10 = one epoch of 10 batches, the training metrics from the
+epoch's own batches as the paper's loop, plus its step-0 evaluation). Rounds alternate A/B with the same torch
+threads (--threads); the load average is printed before, after and with each command. The ratio printed is ours
+/ the paper's loop in steps per wall second of the whole command; steps per CPU second (every process of the
+command) are printed too.
 
-    python benchmarks/grokfast_loop.py [--epochs 20] [--rounds 3]
+    python benchmarks/grokfast_loop.py [--epochs 20] [--rounds 3] [--threads 1] [--paper-python this]
 """
 
 from __future__ import annotations
@@ -26,11 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import describe  # noqa: E402
 
 VENV = Path(__file__).resolve().parent / ".venv-grokfast"
 
@@ -119,58 +129,76 @@ def paper_loop(epochs: int, threads: int) -> dict:
 
 
 # --------------------------------------------------------------------------------- ours (this package)
-def our_loop(steps: int) -> dict:
-    import torch
+def our_command(steps: int, threads: int, directory: str) -> list[str]:
+    """``grokking-tracked run --preset grokfast2024`` with the paper's EMA command, as a user runs it: tracked into a
+    new local store in ``directory``, its figures drawn at the end."""
+    return [sys.executable, "-m", "grokking_tracked", "run", "--preset", "grokfast2024", "--max-steps", str(steps),
+            "--no-stop-on-grok", "--no-progress", "--grokfast-lambda", "2", "--grokfast-alpha", "0.98",
+            "--weight-decay", "0.005", "--set", "checkpoint_every=0"]
 
-    from grokking_tracked.config import preset
-    from grokking_tracked.train import Trainer
 
-    torch.set_num_threads(1)
-    config = preset("grokfast2024", max_steps=steps, grokfast_lambda=2.0, weight_decay=0.005, checkpoint_every=0,
-                    stop_on_grok=False, device="cpu")
-    trainer = Trainer(config, progress=False, threads=1)
-    started, cpu = time.perf_counter(), time.process_time()
-    result = trainer.train()
-    return {"steps": result.final_step, "seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu}
+def timed(command: list[str], env: dict, cwd: str | None = None) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the process and its children, stdout) of one whole command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(command[:4])} failed:\n{out.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, out.stdout
+
+
+def load() -> str:
+    return "%.2f %.2f %.2f" % os.getloadavg()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=20, help="epochs per round (10 steps each)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the paper's loop")
-    parser.add_argument("--worker", choices=("paper", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
+    parser.add_argument("--paper-python", default=None,
+                        help="interpreter of the paper's loop (default: the isolated venv, created on first use; "
+                             "'this': this interpreter without PYTHONPATH: the loop imports torch only)")
+    parser.add_argument("--worker", choices=("paper",), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "paper":
         print(json.dumps(paper_loop(args.epochs, args.threads)))
         return
-    if args.worker == "ours":
-        print(json.dumps(our_loop(args.epochs * 10)))
-        return
-    python = ensure_venv()
+    python = sys.executable if args.paper_python == "this" else args.paper_python or str(ensure_venv())
     here = Path(__file__).resolve()
+    steps = args.epochs * 10
     paper_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    ours_env = {**os.environ, "PYTHONPATH": str(here.parent.parent)}
+    ours_env = {**os.environ, "PYTHONPATH": str(here.parent.parent), "GROKKING_TORCH_THREADS": str(args.threads)}
+    ours_env.pop("MLFLOW_TRACKING_URI", None)
+    print(f"{describe()}; {steps} steps a command, {args.threads} thread(s) each, start-up included")
+    print(f"load average before: {load()}", flush=True)
     rates: dict[str, list[float]] = {"paper": [], "ours": []}
     cpu_rates: dict[str, list[float]] = {"paper": [], "ours": []}
     for round_ in range(args.rounds):
-        for name, exe, env in (("paper", str(python), paper_env), ("ours", sys.executable, ours_env)):
-            out = subprocess.run([exe, str(here), "--worker", name, "--epochs", str(args.epochs),
-                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{name} worker failed:\n{out.stderr[-2000:]}")
-            reply = json.loads(out.stdout.strip().splitlines()[-1])
-            rates[name].append(reply["steps"] / reply["seconds"])
-            cpu_rates[name].append(reply["steps"] / reply["cpu_seconds"])
-            print(f"round {round_} {name:>5}: {reply['steps']} steps in {reply['seconds']:.1f} s "
-                  f"({rates[name][-1]:.2f} steps/s, CPU {reply['cpu_seconds']:.1f} s), "
-                  f"load avg {os.getloadavg()[0]:.2f}", flush=True)
+        for name in ("paper", "ours"):
+            with tempfile.TemporaryDirectory() as directory:
+                if name == "paper":
+                    command = [python, str(here), "--worker", "paper", "--epochs", str(args.epochs),
+                               "--threads", str(args.threads)]
+                    wall, cpu, stdout = timed(command, paper_env)
+                    trained = json.loads(stdout.strip().splitlines()[-1])["steps"]
+                else:
+                    wall, cpu, stdout = timed(our_command(steps, args.threads, directory), ours_env, cwd=directory)
+                    trained = int(re.search(r"(\d+) steps in", stdout).group(1))
+            rates[name].append(trained / wall)
+            cpu_rates[name].append(trained / cpu)
+            print(f"round {round_} {name:>5}: {trained} steps, whole command {wall:.1f} s "
+                  f"({rates[name][-1]:.2f} steps/s), CPU {cpu:.1f} s, load avg {load()}", flush=True)
+    print(f"load average after: {load()}")
     paper, ours = statistics.median(rates["paper"]), statistics.median(rates["ours"])
-    print(f"median steps per wall second: ours {ours:.2f}, paper's loop {paper:.2f}: x{ours / paper:.2f}")
-    # one thread each: CPU seconds are what each loop costs, whatever else the machine runs
+    print(f"median steps per wall second, whole commands: ours {ours:.2f}, the paper's loop {paper:.2f}: "
+          f"ratio ours / paper x{ours / paper:.2f}")
     paper, ours = statistics.median(cpu_rates["paper"]), statistics.median(cpu_rates["ours"])
-    print(f"median steps per CPU second: ours {ours:.2f}, paper's loop {paper:.2f}: x{ours / paper:.2f}")
+    print(f"median steps per CPU second (every process of the command): ours {ours:.2f}, the paper's loop "
+          f"{paper:.2f}: x{ours / paper:.2f}")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ def configure_process(optuna_quiet: bool = False) -> None:
     for key, value in MLFLOW_CLIENT_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # where mlflow was imported already
-    import matplotlib
-
-    matplotlib.use("Agg")  # files, never windows: optuna's figures go through pyplot
+    # files, never windows (optuna's figures go through pyplot); the variable, so that matplotlib (~0.4 s) loads
+    # only when a figure is drawn, not before the first step
+    os.environ["MPLBACKEND"] = "Agg"
+    if "matplotlib" in sys.modules:
+        sys.modules["matplotlib"].use("Agg")
     if optuna_quiet:
         import optuna
 
@@ -239,17 +241,18 @@ def import_(path: str, experiment: str, run_name: str | None, operation: str, tr
 
 
 @cli.command()
-@click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
-              help="Seconds to keep retrying a server that is still away.")
+@click.option("--timeout", type=click.FloatRange(min=0, max=7 * 24 * 3600), default=120.0, show_default=True,
+              help="Seconds the whole command may take (connecting, run look-ups, retries of a server that is away, "
+                   "uploads); then it stops, says it timed out and exits non-zero. What is not delivered stays in "
+                   "the spool.")
 @tracking_uri_option
 def sync(timeout: float, tracking_uri: str | None) -> None:
     """Deliver what runs left in the local spool while the tracking server was away (or when killed)."""
     configure_process()
-    from .tracking.runs import TrackingUndelivered, deliver_leftovers
-    from .tracking.store import connect
+    from .tracking.runs import TrackingUndelivered, sync as sync_spools
 
-    report = deliver_leftovers(connect(tracking_uri), timeout, echo=lambda line: click.echo(line, err=True))
-    click.echo(f"delivered {report.delivered} operations; {report.pending} pending, {len(report.failed)} refused, "
+    report = sync_spools(tracking_uri, timeout, echo=lambda line: click.echo(line, err=True))
+    click.echo(f"delivered {report.delivered} operations; {report.pending} pending, {report.set_aside} set aside, "
                f"{len(report.busy)} spools of live processes left alone")
     if not report.complete:
         raise TrackingUndelivered(report.failed[0] if report.failed else

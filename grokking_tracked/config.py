@@ -19,7 +19,12 @@ WD_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NORMALIZATIONS = ("none", "ln")
 ACTIVATIONS = ("relu", "gelu")
-OPTIMIZERS = ("adamw", "adam")
+# "orthoadamw": ⊥AdamW of Prieto et al. 2025 (optim.OrthoAdamW; their orthograd.py wrapping AdamW).
+OPTIMIZERS = ("adamw", "adam", "orthoadamw")
+# The training loss (stability.py): float64 softmax cross-entropy (ours), float32 softmax cross-entropy (Prieto et
+# al. 2025's default, utils.cross_entropy_float32), StableMax cross-entropy in float64 (their stablemax_cross_entropy).
+LOSSES = ("softmax", "softmax32", "stablemax")
+DTYPES = ("float32", "float64")  # the model's parameters and activations (their --train_precision 32 | 64)
 # The fields that fix the task and the model's parameter shapes: a checkpoint fits a config iff these agree,
 # and trials trained in one lockstep stack must share them (and attention_rate, which changes the forward, not a shape).
 TASK_FIELDS = ("p", "operation")
@@ -113,6 +118,10 @@ class Config:
     seed: int = 999  # model initialisation seed
     # --- optimisation: AdamW, full batch unless batch_size > 0 ---
     optimizer: str = "adamw"  # "adamw" (decoupled weight decay) or "adam" (weight decay as an L2 gradient term)
+    # or "orthoadamw": AdamW on the gradient with its component along each weight tensor removed, rescaled to the
+    # gradient's norm (Prieto et al. 2025's ⊥AdamW, orthograd.py)
+    loss: str = "softmax"  # softmax | softmax32 | stablemax (stability.py; Prieto et al. 2025's utils.py)
+    dtype: str = "float32"  # float32 | float64: the model in double precision (Prieto et al. 2025's --train_precision)
     lr: float = 1e-2
     weight_decay: float = 1.0
     beta1: float = 0.9
@@ -121,6 +130,9 @@ class Config:
     eval_every: int = 10
     batch_size: int = 0  # examples per optimizer step, reshuffled every epoch; 0 (or >= the train set): full batch
     checkpoint_every: int = 1000
+    # As the papers' loops: train loss and accuracy from the minibatches trained since the last evaluation (each
+    # batch's own forward, before its update), and only the held-out split evaluated at eval_every. Needs batch_size.
+    train_metrics_from_batches: bool = False
     # --- earlier project's strategies, all off by default ---
     lr_schedule: str = "constant"  # constant | warmup | cyclic | plateau
     warmup_steps: int = 10
@@ -176,7 +188,8 @@ class Config:
 
         for name, options in (("operation", OPERATIONS), ("lr_schedule", LR_SCHEDULES), ("wd_schedule", WD_SCHEDULES),
                               ("normalization", NORMALIZATIONS), ("stop_after", STOP_EVENTS),
-                              ("activation", ACTIVATIONS), ("optimizer", OPTIMIZERS)):
+                              ("activation", ACTIVATIONS), ("optimizer", OPTIMIZERS), ("loss", LOSSES),
+                              ("dtype", DTYPES)):
             need(getattr(self, name) in options,
                  f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(options)}")
         need(self.operation != "div" or is_prime(self.p),
@@ -195,6 +208,12 @@ class Config:
                  f"{self.lr:g} x {getattr(self, decay):g}")
         # A curriculum grows a prefix of an ordered set; an epoch's shuffle would undo that order.
         need(not (self.curriculum and self.batch_size), "curriculum and batch_size > 0 cannot be combined")
+        # Grokfast amplifies the slow gradient and ⊥AdamW removes the radial one: neither paper defines the order.
+        need(not (self.optimizer == "orthoadamw" and self.grokfast_lambda),
+             "optimizer orthoadamw cannot be combined with the Grokfast filter (grokfast_lambda > 0)")
+        need(not (self.dtype == "float64" and self.device == "mps"), "dtype float64 is not supported on device mps")
+        need(not self.train_metrics_from_batches or self.batch_size > 0,
+             "train_metrics_from_batches needs minibatches (batch_size > 0)")
         need(self.stop_after != "cleanup_end" or self.progress_every > 0,
              "stop_after = cleanup_end needs the progress measures (progress_every > 0)")
         need(isinstance(self.device, str) and (self.device in DEVICES or _CUDA_INDEX.fullmatch(self.device)),
@@ -217,7 +236,8 @@ class Config:
         copies = 4 + (self.grokfast_lambda > 0) + 1
         pairs = self.p * self.p
         activations = pairs * (20 * self.p + 8 * self.d_mlp * self.n_layers + 48 * self.d_model * self.n_layers)
-        return int(4 * copies * self.parameter_count + activations)
+        width = 2 if self.dtype == "float64" else 1  # float64: every float32 byte above counted twice
+        return int(width * (4 * copies * self.parameter_count + activations))
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -384,7 +404,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "power2022": dict(p=97, operation="div", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
                       normalization="ln", activation="relu", optimizer="adamw", lr=1e-3, weight_decay=1.0,
                       beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
-                      max_steps=100_000, eval_every=100, checkpoint_every=5000),
+                      train_metrics_from_batches=True, max_steps=100_000, eval_every=100, checkpoint_every=5000),
+    # Power et al. 2022's Figure 1 itself (x / y mod 97, 50 %): "Adam optimizer with no weight decay" and a budget of
+    # 10^6 optimization steps (the paper's appendix A.1.2, last paragraph; openai/grok's --weight_decay default 0;
+    # Sea-Snell/grokking issue #4). Everything else as `power2022` (the appendix's default setting, AdamW wd 1).
+    # Our "adam" puts weight decay in the gradient (L2); at weight_decay 0 it is plain Adam.
+    "power2022_fig1": dict(p=97, operation="div", train_frac=0.5, n_layers=2, d_model=128, n_heads=4, d_mlp=512,
+                           normalization="ln", activation="relu", optimizer="adam", lr=1e-3, weight_decay=0.0,
+                           beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
+                           train_metrics_from_batches=True, max_steps=1_000_000, eval_every=100,
+                           checkpoint_every=50_000),
     # Lee et al. 2024, "Grokfast: accelerated grokking by amplifying slow gradients", its baseline command
     # (`python main.py`); the EMA run adds --grokfast-lambda 2 --weight-decay 0.005 (its README).
     # Source: ironjr/grokfast main.py: x * y mod 97 on half of the pairs, Decoder(dim 128, num_layers 2,
@@ -397,7 +426,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                          normalization="ln", activation="gelu", optimizer="adam", lr=1e-3, weight_decay=0.0,
                          beta1=0.9, beta2=0.98, lr_schedule="warmup", warmup_steps=10, batch_size=512,
                          grokfast_alpha=0.98, grokfast_lambda=0.0, generalization_threshold=0.95,
-                         max_steps=100_000, eval_every=10, checkpoint_every=1000),
+                         train_metrics_from_batches=True, max_steps=100_000, eval_every=10, checkpoint_every=1000),
+    # Prieto et al. 2025, "Grokking at the edge of numerical stability": their 1-layer transformer on modular addition
+    # (Figure 6's first three commands in run_main_experiments.sh: --use_transformer --train_fraction 0.4 --lr 0.001
+    # --num_epochs 5000, full batch), the softmax baseline without weight decay. Sources (their repository):
+    # utils.py parse_args (modulo 113, add_mod, AdamW, weight_decay 0, beta2 0.99, softmax_precision 32 -> our
+    # loss softmax32, seed 42), utils.get_optimizer (AdamW betas (0.9, beta2)), utils.get_model (Transformer
+    # d_model 128, 4 heads, 1 layer), models.py (torch's TransformerEncoderLayer: feed-forward 2048, ReLU,
+    # LayerNorm). Their other runs: --orthogonal_gradients (our optimizer = "orthoadamw"), --weight_decay 1.5.
+    # progress_every = their log_frequency 200, so the collapse fraction and the Fourier measures are read there.
+    "prieto2025": dict(p=113, operation="add", train_frac=0.4, n_layers=1, d_model=128, n_heads=4, d_mlp=2048,
+                       normalization="ln", activation="relu", optimizer="adamw", loss="softmax32", lr=1e-3,
+                       weight_decay=0.0, beta1=0.9, beta2=0.99, seed=42, max_steps=5000, eval_every=50,
+                       progress_every=200, checkpoint_every=1000),
 }
 
 

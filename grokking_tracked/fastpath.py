@@ -10,9 +10,11 @@ the fused AdamW step, Grokfast and the gradient norm are unchanged. ``tests/test
 loss and every gradient against autograd.
 
 Scope: one layer, ReLU, without LayerNorm (every preset but power2022 and grokfast2024); minibatches
-are just fewer rows. ``supports(model)`` says when it applies; ``Trainer``
-falls back to autograd otherwise. Hooks do not run on this path: they serve analysis, which uses the
-model's own forward (``run_with_cache`` is untouched). ``GROKKING_FASTPATH=0`` turns it off.
+are just fewer rows. ``supports(model)`` says when it applies. Every other model (more layers, LayerNorm,
+GELU, Zhong's attention rate: ``power2022``, ``grokfast2024``) trains through ``lean_last_logits``, a forward
+without hooks that autograd differentiates and that does only what the loss reads (see there). Hooks do not
+run on either path: they serve analysis, which uses the model's own forward (``run_with_cache`` is untouched).
+``GROKKING_FASTPATH=0`` turns both off (the model's own ``forward(last_only=True)`` with autograd).
 
 Notation: N examples, n = 3 positions, V = d_vocab tokens, R = n·V table rows, h heads of size e,
 d = d_model, p output classes.
@@ -25,8 +27,9 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .model import GrokkingTransformer
+from .model import GrokkingTransformer, LayerNorm
 
 def enabled() -> bool:
     return os.environ.get("GROKKING_FASTPATH", "1") != "0"
@@ -38,6 +41,7 @@ def supports(model: torch.nn.Module) -> bool:
         return False
     params = list(model.parameters())
     return (model.config.n_layers == 1 and model.config.normalization == "none" and model.config.activation == "relu"
+            and model.config.loss == "softmax"  # its backward is the float64 softmax cross-entropy's
             and model.config.attention_rate == 1  # its backward is softmax's; a blended pattern is autograd's
             and params[0].dtype in (torch.float32, torch.float64)
             and all(p.requires_grad and p.dtype == params[0].dtype for p in params))
@@ -94,13 +98,84 @@ def _forward(model: GrokkingTransformer, tokens: torch.Tensor) -> _Forward:
 @torch.no_grad()
 def last_logits(model: GrokkingTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """(N, p) logits of the last position: ``model(tokens, last_only=True)`` without hooks or autograd."""
-    return _forward(model, tokens).logits
+    return _forward(model, tokens).logits if supports(model) else lean_last_logits(model, tokens)
+
+
+def _norm(ln: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # torch's fused kernel, forward and backward: the same function as model.LayerNorm (biased variance, eps 1e-5)
+    return F.layer_norm(x, x.shape[-1:], ln.w, ln.b, 1e-5) if isinstance(ln, LayerNorm) else x
+
+
+def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    post = mlp.act_fn(torch.addmm(mlp.b_in, flat, mlp.W_in))
+    return torch.addmm(mlp.b_out, post, mlp.W_out).view(x.shape)
+
+
+def lean_last_logits(model: GrokkingTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, p) logits of the last position, differentiable: ``model(tokens, last_only=True)``'s function for any
+    ``GrokkingTransformer``, without hooks, computing only what the last position's logits read:
+
+    - the last block computes its query, attention output, MLP and unembedding at the last position only (its
+      keys and values still at every position);
+    - with the causal mask position 0 attends to itself alone, so its residual stream through every block depends
+      on its token only: it is computed once per vocabulary entry (a (d_vocab, d) table) and gathered;
+    - the first block's input at the other positions is an embedding row too: its keys, values and queries are
+      projected from the (n - 1) · d_vocab distinct rows and gathered.
+
+    The earlier blocks compute positions 1..n-1 per example. Exact: the same arithmetic as the full forward up to
+    float rounding (tests/test_fastpath.py)."""
+    blocks, n, V = model.blocks, tokens.shape[-1], model.config.d_vocab
+    W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos
+    first = W_E + W_pos[0]  # (V, d): position 0's residual for each token
+    rows = (W_E[None] + W_pos[1:n, None]).flatten(0, 1)  # ((n-1)·V, d): the first block's inputs at positions 1..
+    row_index = tokens[:, 1:] + torch.arange(n - 1, device=tokens.device) * V  # (N, n-1)
+    token0 = tokens[:, 0]
+    rest = None  # (N, n-1, d): the residual at positions 1.. after the first block
+    for i, block in enumerate(blocks):
+        attn, mlp, last = block.attn, block.mlp, i == len(blocks) - 1
+        h, d, e = attn.W_Q.shape
+        w_qkv = torch.cat([attn.W_Q, attn.W_K, attn.W_V], 2).transpose(0, 1).reshape(d, h * 3 * e)  # (d, (h 3 e))
+        q0 = n - 1 if last else 1  # queries at positions q0..n-1
+        # per head (q | k | v): one matmul of the distinct rows, or of the per-example residual
+        table0 = (_norm(block.ln1, first) @ w_qkv).view(V, h, 3, e)
+        if rest is None:
+            projected = F.embedding(row_index, (_norm(block.ln1, rows) @ w_qkv)).view(-1, n - 1, h, 3, e)
+            resid_q = F.embedding(row_index[:, q0 - 1:], rows)
+        else:
+            projected = (_norm(block.ln1, rest) @ w_qkv).view(-1, n - 1, h, 3, e)
+            resid_q = rest[:, q0 - 1:]
+        at0 = F.embedding(token0, table0.flatten(1)).view(-1, 1, h, 3, e)
+        # unbind, not indexing: its backward stacks the three gradients instead of zero-filling a copy for each
+        q, k, v = torch.cat([at0, projected], 1).unbind(3)  # each (N, n, h, e)
+        q = q[:, q0:]  # (N, nq, h, e)
+        # for 3 positions a broadcast product and sum beats batched matmuls (model.Attention)
+        scores = (q[:, :, None] * k[:, None]).sum(-1) / math.sqrt(e)  # (N, nq, n, h)
+        allowed = attn.causal_mask[q0:n, :n, None]  # (nq, n, 1)
+        if not last:  # the last position sees every position
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        pattern = scores.softmax(dim=2)
+        if attn.attention_rate != 1:  # Zhong et al.'s blend, as model.Attention
+            pattern = attn.attention_rate * pattern + (1 - attn.attention_rate) * allowed.to(pattern.dtype)
+        z = (pattern[..., None] * v[:, None]).sum(2)  # (N, nq, h, e)
+        W_O = attn.W_O.flatten(0, 1)
+        resid_q = resid_q + z.flatten(-2) @ W_O
+        resid_q = resid_q + _mlp(mlp, _norm(block.ln2, resid_q))
+        if last:
+            return _norm(model.ln_final, resid_q[:, -1]) @ model.unembed.W_U
+        # position 0 attends to itself: its pattern is 1 (also under Zhong's blend), its output its own value
+        first = first + table0[:, :, 2].flatten(1) @ W_O
+        first = first + _mlp(mlp, _norm(block.ln2, first))
+        rest = resid_q
+    raise AssertionError("a model has at least one block")
 
 
 @torch.no_grad()
-def loss_and_grads(model: GrokkingTransformer, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_and_grads(model: GrokkingTransformer, tokens: torch.Tensor, labels: torch.Tensor,
+                   return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the last position, softmax in float64; sets every parameter's ``.grad`` to its
-    gradient, as ``zero_grad(set_to_none=True)`` then ``loss.backward()`` would. Returns the loss."""
+    gradient, as ``zero_grad(set_to_none=True)`` then ``loss.backward()`` would. Returns the loss (and with
+    ``return_logits`` the (N, p) logits it was computed from)."""
     f = _forward(model, tokens)
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     W_E, W_pos, W_U = model.embed.W_E, model.pos_embed.W_pos, model.unembed.W_U
@@ -151,4 +226,4 @@ def loss_and_grads(model: GrokkingTransformer, tokens: torch.Tensor, labels: tor
 
     for param in model.parameters():
         param.grad = grads[param]
-    return loss
+    return (loss, f.logits) if return_logits else loss

@@ -215,14 +215,38 @@ def attention_heatmap(model, p: int, layer: int = 0) -> Figure:
     return attention_figure(attention_grid(model, p, layer), layer)
 
 
+@styled
+def stability_curves(history: Sequence[tuple[int, dict]], events: Sequence[dict] = ()) -> Figure:
+    """Prieto et al. 2025's view of the run (stability.py): the softmax-collapse fraction of the training pairs, the
+    NLM cosine cos(-g, theta) and the logit scale (mean largest logit), read on the progress cadence."""
+    fig, ((ax_c, ax_n, ax_s),) = new_figure(1, 3, figsize=(15, 4), margins=dict(left=0.05, right=0.98, bottom=0.13,
+                                                                                top=0.9, wspace=0.25))
+    for ax, key, color, label, title in (
+            (ax_c, "softmax_collapse", "#d62728", "share of training pairs", "Softmax collapse (float32)"),
+            (ax_n, "nlm_cosine", "#9467bd", "cos(-gradient, weights)", "Naive loss minimisation"),
+            (ax_s, "logit_scale", "#8c564b", "mean largest logit", "Logit scale")):
+        steps, values = _series(history, key)
+        ax.plot(steps, values, color=color, marker="." if len(steps) < 50 else None)
+        ax.set(xlabel="optimizer step", ylabel=label, title=title)
+        mark_events(ax, events)
+    ax_c.set_ylim(-0.02, 1.02)
+    ax_n.set_ylim(-1.02, 1.02)
+    if events:
+        ax_c.legend(loc="best")
+    return fig
+
+
 def save_run_figures(directory: str | Path, history: Sequence[tuple[int, dict]], events: Sequence[dict],
                      title: str, grid) -> list[Path]:
     """The three figures of a run as PNG files in ``directory`` (matplotlib only: a figure process can draw them
-    from the history, the events and the attention grid, without torch or the model)."""
+    from the history, the events and the attention grid, without torch or the model); a fourth, ``stability``,
+    where the run read the live measures (progress_every > 0)."""
     directory = Path(directory)
-    return [save_figure(figure, directory / f"{name}.png") for name, figure in (
-        ("learning_curves", learning_curves(history, events, title)), ("norms", norm_curves(history, events)),
-        ("attention", attention_figure(grid)))]
+    figures = [("learning_curves", learning_curves(history, events, title)), ("norms", norm_curves(history, events)),
+               ("attention", attention_figure(grid))]
+    if any("softmax_collapse" in metrics for _, metrics in history):
+        figures.append(("stability", stability_curves(history, events)))
+    return [save_figure(figure, directory / f"{name}.png") for name, figure in figures]
 
 
 METRIC_LABELS = {"test_acc": "test accuracy", "train_acc": "train accuracy", "test_loss": "test loss",

@@ -61,7 +61,8 @@ def check_compatible(configs: Sequence[Config]) -> None:
         unsupported = [name for name, off in (("curriculum", False), ("lr_schedule", "constant"),
                                               ("wd_schedule", "constant"), ("grokfast_lambda", 0.0),
                                               ("progress_every", 0), ("stop_after", "generalization"),
-                                              ("batch_size", 0), ("optimizer", "adamw"))
+                                              ("batch_size", 0), ("optimizer", "adamw"), ("loss", "softmax"),
+                                              ("dtype", "float32"))
                        if getattr(config, name) != off]
         if unsupported:
             raise ValueError(f"lockstep training supports the plain full-batch AdamW loop only; set "

@@ -1,5 +1,6 @@
 """Optimisation strategies of the earlier project, as torch.optim pieces: fused AdamW, lr schedules
-(torch schedulers), a weight-decay schedule, and the Grokfast gradient filter (Lee et al. 2024)."""
+(torch schedulers), a weight-decay schedule, the Grokfast gradient filter (Lee et al. 2024), and ⊥AdamW (Prieto et
+al. 2025)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,40 @@ class GrokfastEMA:
         torch._foreach_add_(grads, self.ema, alpha=self.lamb)
 
 
+def orthogonalize_gradients_(params: list[torch.Tensor], epsilon: float = 1e-30) -> torch.Tensor | None:
+    """⊥Grad (Prieto et al. 2025, orthograd.py): per tensor, g <- g - (w.g / w.w) w, rescaled to g's former norm, so
+    the step cannot just scale the weights up (naive loss minimisation). ``epsilon`` as their code: 0/0 stays 0.
+    Returns cos(-g, w) of the gradient BEFORE the projection over these tensors (stability.nlm_cosine's measure,
+    from the products computed here anyway), a device scalar; None without gradients."""
+    pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
+    if not pairs:
+        return None
+    weights, grads = [w for w, _ in pairs], [g for _, g in pairs]
+    dots = torch.stack([(w * g).sum() for w, g in pairs])
+    w_sq = torch.stack(torch._foreach_norm(weights)) ** 2 + epsilon
+    g_norm = torch.stack(torch._foreach_norm(grads))
+    raw_cosine = (-dots.sum() / ((w_sq - epsilon).sum().sqrt() * g_norm.square().sum().sqrt()).clamp_min(epsilon))
+    torch._foreach_add_(grads, torch._foreach_mul(weights, list((-dots / w_sq).unbind())))
+    scale = g_norm / (torch.stack(torch._foreach_norm(grads)) + epsilon)
+    torch._foreach_mul_(grads, list(scale.unbind()))
+    return raw_cosine.to(torch.float64)
+
+
+class OrthoAdamW(torch.optim.AdamW):
+    """⊥AdamW: AdamW stepping on the gradient made orthogonal to each weight tensor (``orthogonalize_gradients_``).
+    A subclass rather than their wrapper, so checkpoints hold plain AdamW state and the fused step is kept.
+    ``last_nlm_cosine``: the NLM cosine of the last step's gradient before its projection (a device scalar; after it,
+    the gradient is orthogonal to every weight tensor by construction)."""
+
+    last_nlm_cosine: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.last_nlm_cosine = orthogonalize_gradients_(params)
+        return super().step(closure)
+
+
 def weight_decay_at(config: Config, step: int) -> float:
     """Weight-decay schedule (torch.optim has schedulers for lr only)."""
     if config.wd_schedule == "constant":
@@ -43,7 +78,7 @@ def weight_decay_at(config: Config, step: int) -> float:
 def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
     # fused: one kernel per step for all parameters (CPU and CUDA, float32). "adam" is Grokfast's default
     # (its weight decay is an L2 term added to the gradient, not AdamW's decoupled shrinking).
-    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    kind = {"adam": torch.optim.Adam, "orthoadamw": OrthoAdamW}.get(config.optimizer, torch.optim.AdamW)
     return kind(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                 weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
 

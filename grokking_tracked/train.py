@@ -24,9 +24,12 @@ from .data import MinibatchSampler, ModularData, curriculum_order, make_dataset,
 from .detect import GrokDetector
 from . import fastpath
 from .measures import ProgressMeasures
-from .metrics import EVAL_METRICS, cross_entropy_high_precision, split_metrics, weight_and_grad_norms
+from .metrics import (EVAL_METRICS, cross_entropy_high_precision, per_example_loss, split_metrics,
+                      weight_and_grad_norms)
 from .model import GrokkingTransformer
 from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
+from .stability import STABILITY_METRICS, stability_measures
+from .stability import per_example_loss as loss_per_example
 
 CHECKPOINT_FORMAT = 1
 THREADS_ENV = "GROKKING_TORCH_THREADS"
@@ -224,7 +227,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.threads = threads if threads is not None else default_threads(self.device)
         self.data = (data or make_dataset(config)).to(self.device)
-        self.model = GrokkingTransformer(config).to(self.device)
+        self.model = GrokkingTransformer(config).to(self.device, getattr(torch, config.dtype))
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.detector = make_detector(config)
@@ -241,6 +244,11 @@ class Trainer:
         self._eval_tokens = self.data.all_tokens
         self._eval_labels = torch.cat([self.data.train_labels, self.data.test_labels])
         self._n_train = len(self.data.train_labels)
+        # train_metrics_from_batches: the sums of the losses and of the correct answers of the batches since the last
+        # evaluation, on the device (read with the evaluation's one host sync), and how many examples they hold
+        self._batch_sums = (torch.zeros(2, dtype=torch.float64, device=self.device)
+                            if config.train_metrics_from_batches else None)
+        self._batch_examples = 0
         # batch_size >= the train set is the full-batch loop itself (no shuffle), so it is bit-for-bit full batch.
         self.sampler = (MinibatchSampler(self._n_train, config.batch_size, sampler_seed(config.seed))
                         if 0 < config.batch_size < self._n_train else None)
@@ -251,6 +259,12 @@ class Trainer:
         self._graph_capture_at = self._cuda_graph_start() if os.environ.get("GROKKING_CUDA_GRAPH") == "1" else None
 
     # ------------------------------------------------------------------ one step, one evaluation
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``config.loss`` (stability.py); the default is the float64 softmax cross-entropy."""
+        if self.config.loss == "softmax":
+            return cross_entropy_high_precision(logits, labels)
+        return loss_per_example(logits, labels, self.config.loss).mean()
+
     def active_train_examples(self, step: int) -> int:
         if not self.config.curriculum:
             return self._n_train
@@ -263,7 +277,7 @@ class Trainer:
         must do the same work with the same constants (full batch, constant lr and weight decay)."""
         c = self.config
         if (self.device.type != "cuda" or c.curriculum or c.grokfast_lambda or c.wd_schedule != "constant"
-                or self.sampler is not None
+                or self.sampler is not None or self._batch_sums is not None
                 or c.lr_schedule not in ("constant", "warmup")):
             return None
         return self.step + 3 + (c.warmup_steps if c.lr_schedule == "warmup" else 0)  # eager warm-up first
@@ -279,7 +293,7 @@ class Trainer:
                 group["capturable"] = True  # fused AdamW keeps its step counters on the device already
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                loss = cross_entropy_high_precision(self.model(self._train_tokens, last_only=True), self._train_labels)
+                loss = self.loss(self.model(self._train_tokens, last_only=True), self._train_labels)
                 loss.backward()
                 self.optimizer.step()
             self._graph, self._graph_loss = graph, loss
@@ -316,12 +330,14 @@ class Trainer:
         else:
             n = self.active_train_examples(self.step)
             tokens, labels = self._train_tokens[:n], self._train_labels[:n]
-        if fastpath.enabled() and fastpath.supports(self.model):
-            loss = fastpath.loss_and_grads(self.model, tokens, labels)  # same gradients, ~0.6x the CPU time
-        else:
-            loss = cross_entropy_high_precision(self.model(tokens, last_only=True), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        loss, logits = self._loss_and_grads(tokens, labels)
+        if self._batch_sums is not None:  # the batch's own forward, before its update: as the papers' loops
+            with torch.no_grad():  # loss/train is the float64 softmax cross-entropy whatever the training loss
+                batch_loss = (loss.detach() if self.config.loss == "softmax"
+                              else cross_entropy_high_precision(logits.detach(), labels))
+                self._batch_sums[0] += batch_loss * len(labels)
+                self._batch_sums[1] += (logits.argmax(-1) == labels).sum()
+                self._batch_examples += len(labels)
         if self.grokfast is not None:
             self.grokfast.apply([p.grad for p in self.model.parameters()])
         if self.config.wd_schedule != "constant":
@@ -333,25 +349,64 @@ class Trainer:
         self.step += 1
         return loss
 
+    def _loss_and_grads(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss and last-position logits; every parameter's ``.grad`` set to the loss's gradient."""
+        if fastpath.enabled() and fastpath.supports(self.model):  # same gradients, ~0.6x the CPU time
+            return fastpath.loss_and_grads(self.model, tokens, labels, return_logits=True)
+        # fastpath.lean_last_logits: the model's function without hooks and without what the loss does not read
+        logits = (fastpath.lean_last_logits(self.model, tokens) if fastpath.enabled()
+                  else self.model(tokens, last_only=True))
+        loss = self.loss(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, logits
+
+    def _last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        if fastpath.enabled():  # the same logits, no hooks and no autograd bookkeeping
+            return fastpath.last_logits(self.model, tokens)
+        return self.model(tokens, last_only=True)
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss and accuracy on the whole train and test sets, weight and last-gradient norms: one host sync."""
-        if fastpath.enabled() and fastpath.supports(self.model):  # the same logits, no autograd bookkeeping
-            logits = fastpath.last_logits(self.model, self._eval_tokens)
+    def evaluate(self, stability: bool = False) -> dict[str, float]:
+        """Loss and accuracy on the whole train and test sets, weight and last-gradient norms: one host sync.
+        With ``train_metrics_from_batches`` (and a batch trained since the last evaluation) only the test set is
+        evaluated; train loss and accuracy are those of the batches trained since the last evaluation.
+        ``stability``: also the STABILITY_METRICS, from the training pairs' logits and the last step's gradients,
+        in the same sync."""
+        train_logits = None
+        if self._batch_sums is not None and self._batch_examples:
+            logits = self._last_logits(self.data.test_tokens)
+            test_labels = self.data.test_labels
+            split = torch.cat([self._batch_sums / self._batch_examples,
+                               torch.stack([per_example_loss(logits, test_labels).mean(),
+                                            (logits.argmax(-1) == test_labels).to(torch.float64).mean()])])
+            self._batch_sums = torch.zeros_like(self._batch_sums)
+            self._batch_examples = 0
+            if stability:  # the progress cadence reads every training pair, as without batch metrics
+                train_logits = self._last_logits(self.data.train_tokens)
         else:
-            logits = self.model(self._eval_tokens, last_only=True)
-        values = torch.cat([split_metrics(logits, self._eval_labels, self._eval_train_mask),
-                            weight_and_grad_norms(list(self.model.parameters()))]).tolist()
-        metrics = dict(zip(EVAL_METRICS, values))
+            logits = self._last_logits(self._eval_tokens)
+            split = split_metrics(logits, self._eval_labels, self._eval_train_mask)
+            train_logits = logits[: self._n_train]
+        parameters = list(self.model.parameters())
+        parts = [split, weight_and_grad_norms(parameters)]
+        if stability:
+            parts.append(stability_measures(train_logits, parameters,
+                                            getattr(self.optimizer, "last_nlm_cosine", None)))
+        values = torch.cat(parts).tolist()
+        metrics = dict(zip(EVAL_METRICS + (STABILITY_METRICS if stability else ()), values))
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return checkpoint_state(self.config, self.step, self.model, self.optimizer.state_dict(), self.detector,
-                                None if self.scheduler is None else self.scheduler.state_dict(),
-                                None if self.grokfast is None else self.grokfast.ema,
-                                None if self.sampler is None else self.sampler.state())
+        state = checkpoint_state(self.config, self.step, self.model, self.optimizer.state_dict(), self.detector,
+                                 None if self.scheduler is None else self.scheduler.state_dict(),
+                                 None if self.grokfast is None else self.grokfast.ema,
+                                 None if self.sampler is None else self.sampler.state())
+        if self._batch_sums is not None:  # a checkpoint between evaluations continues the same window
+            state["batch_metrics"] = {"sums": self._batch_sums.clone(), "examples": self._batch_examples}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -365,6 +420,9 @@ class Trainer:
             self.grokfast.ema = [t.to(self.device) for t in state["grokfast_ema"]]
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state(state["sampler"])
+        if self._batch_sums is not None and state.get("batch_metrics") is not None:
+            self._batch_sums = state["batch_metrics"]["sums"].to(self.device)
+            self._batch_examples = int(state["batch_metrics"]["examples"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -376,8 +434,10 @@ class Trainer:
             getattr(callback, name)(self, *args)
 
     def _evaluate_and_emit(self) -> list[dict]:
-        metrics = self.evaluate()
-        if self.progress_measures is not None and self.step % self.config.progress_every < self.config.eval_every:
+        progress_due = (self.progress_measures is not None
+                        and self.step % self.config.progress_every < self.config.eval_every)
+        metrics = self.evaluate(stability=progress_due)
+        if progress_due:
             metrics.update(self.progress_measures(self.model))
         self.history.append((self.step, metrics))
         events = self.detector.update(self.step, metrics)

@@ -27,7 +27,7 @@ def test_config_group_ignores_seeds_and_runtime_but_not_the_experiment():
     assert config_group(base.replace(lr=3e-3)) != name
     assert config_group(base.replace(grokfast_lambda=2.0)) != name  # outside the readable prefix: the digest says
     assert config_group(base.replace(eval_every=20)) != name  # where events can be detected
-    assert f"`{name}`" in (Path(__file__).resolve().parents[1] / "README.md").read_text()  # the README's example
+    assert f"`{name}`" in (Path(__file__).resolve().parents[1] / "docs" / "commands.md").read_text()  # the docs example
 
 
 def history(values: dict[int, float], metric: str = "test_acc") -> list[tuple[int, dict]]:

@@ -45,7 +45,8 @@ class _TellOptuna(Callback):
 
     def on_train_end(self, member, result: TrainResult) -> None:
         value = trial_value(self.trial, self.spec, member.config, result, self.pruning.seconds_to_generalize)
-        self.trial_run.complete(value, result, {PHASE_TAG: phase_of(self.spec, member.config, result)})
+        self.trial_run.complete(value, result, {PHASE_TAG: phase_of(self.spec, member.config, result),
+                                                **self.pruning.decision_tags()})
         self._tell(value)
 
     def on_train_stopped(self, member, error: BaseException) -> None:

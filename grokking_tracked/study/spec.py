@@ -26,7 +26,7 @@ SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler
             "qmc": "QMCSampler", "gp": "GPSampler", "nsga2": "NSGAIISampler", "bruteforce": "BruteForceSampler"}
 PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
            "successive_halving": "SuccessiveHalvingPruner", "threshold": "ThresholdPruner",
-           "patient": "PatientPruner", "none": "NopPruner"}
+           "patient": "PatientPruner", "none": "NopPruner", "grokking": "GrokkingPruner"}  # grokking: pruners.py
 
 
 class StudyError(UserError):
@@ -377,10 +377,14 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     try:
         if spec.pruner == "patient":  # wraps another pruner: [pruner] wrapped = "median", patience = 3
             wrapped = str(args.pop("wrapped", "median"))
-            if wrapped not in PRUNERS or wrapped == "patient":
+            if wrapped not in PRUNERS or wrapped in ("patient", "grokking"):
                 raise ValueError(f"unknown wrapped pruner {wrapped!r}")
             inner = getattr(optuna.pruners, PRUNERS[wrapped])()
             return optuna.pruners.PatientPruner(inner, **args)
+        if spec.pruner == "grokking":
+            from .pruners import GrokkingPruner
+
+            return GrokkingPruner(**args)
         return getattr(optuna.pruners, PRUNERS[spec.pruner])(**args)
     except (TypeError, ValueError) as exc:
         raise StudyError(f"{Path(spec.path).name}: pruner {spec.pruner}: {str(exc).splitlines()[0]}") from None

@@ -8,6 +8,8 @@ training run, created before training starts (metrics stream live), nested under
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import socket
@@ -28,6 +30,7 @@ from ..tracking.drawer import FigureDrawer
 from ..tracking.tracker import MlflowTracker
 from .dashboard import DashboardNotes, link_trial_run
 from .objectives import Outcome, median_value
+from .pruners import DECISIONS_ATTR, SIGNALS_ATTR, Decision, Signals
 from .spec import StudySpec
 from .storage import is_surplus, retried_trial_number
 
@@ -37,6 +40,8 @@ TRIAL_NUMBER_TAG = "optuna.trial_number"
 TRIAL_STATE_TAG = "optuna.trial_state"
 RETRIED_TRIAL_TAG = "optuna.retried_trial_number"
 PRUNED_STEP_TAG = "optuna.pruned_step"
+PRUNE_REASON_TAG = "optuna.prune_reason"  # why the pruner stopped the trial (the grokking pruner's rule and reason)
+PRUNER_DECISIONS_TAG = "grokking_tracked.pruner_decisions"  # the grokking pruner's changes of rule, as JSON
 VALUE_TAG = "optuna.value"
 GENERALIZED_TAG = "optuna.generalized"
 FAIL_REASON_TAG = "optuna.fail_reason"
@@ -113,8 +118,9 @@ class TrialRun:
         self._end(COMPLETE, FINISHED, background=True,
                   **{VALUE_TAG: str(value), GENERALIZED_TAG: str(generalized).lower(), **(tags or {})})
 
-    def prune(self, step: int | None) -> None:
-        self._end(PRUNED, KILLED, **{PRUNED_STEP_TAG: str(step)})
+    def prune(self, step: int | None, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
+        self._end(PRUNED, KILLED, **{PRUNED_STEP_TAG: str(step)}, **({PRUNE_REASON_TAG: reason[:500]} if reason else {}),
+                  **(tags or {}))
 
     def fail(self, error: BaseException | str) -> None:
         if self.state != RUNNING:
@@ -127,7 +133,7 @@ class TrialRun:
     def stopped(self, error: BaseException, pruned_at: int | None) -> None:
         """Training ended by an exception: PRUNED if the pruner stopped it, FAIL otherwise."""
         if isinstance(error, TrialPrunedStop):
-            self.prune(pruned_at)
+            self.prune(pruned_at, str(error))
         else:
             self.fail(error)
 
@@ -167,6 +173,9 @@ class PruningCallback(Callback):
         self.started = 0.0
         self.seconds_to_generalize: float | None = None
         self.pruned_at: int | None = None
+        self._previous_weight_norm: float | None = None  # the grokking pruner's signals (pruners.Signals)
+        self._collapse: float | None = None
+        self._decisions: list[dict] = []
 
     def on_train_start(self, run) -> None:
         self.started = time.perf_counter()
@@ -174,6 +183,7 @@ class PruningCallback(Callback):
     def on_eval(self, run, step: int, metrics: dict, events: list[dict]) -> None:
         if any(e["event"] == "generalization" for e in events) and self.seconds_to_generalize is None:
             self.seconds_to_generalize = time.perf_counter() - self.started
+        self._collapse = metrics.get("softmax_collapse", self._collapse)  # the latest progress reading, any step
         if not self.report or self.spec.pruner == "none" or step == 0 or step % self.spec.report_every:
             return
         if run.detector.step_of("generalization") is not None:
@@ -182,9 +192,35 @@ class PruningCallback(Callback):
         if not math.isfinite(value):
             value = float("inf")
         self.trial.report(value, step)
+        if self.spec.pruner == "grokking":
+            self._report_signals(run, step, metrics)
         if self.trial.should_prune():
             self.pruned_at = step
-            raise TrialPrunedStop(f"pruned at step {step} ({self.spec.prune_metric} {value:.4g})")
+            decision = self._decision(step)
+            why = f": {decision.rule}: {decision.reason}" if decision else ""
+            raise TrialPrunedStop(f"pruned at step {step} ({self.spec.prune_metric} {value:.4g}){why}")
+        self._decision(step)
+
+    def _report_signals(self, run, step: int, metrics: dict) -> None:
+        """The grokking pruner's inputs (pruners.Signals) as the trial's user attr, read by its ``prune``."""
+        signals = Signals.at(step, run.config.max_steps, metrics, run.detector.events, self._previous_weight_norm,
+                             self._collapse)
+        self._previous_weight_norm = metrics["weight_norm"]
+        self.trial.set_user_attr(SIGNALS_ATTR, dataclasses.asdict(signals))
+
+    def decision_tags(self) -> dict[str, str]:
+        """The grokking pruner's decisions on this trial (each change of rule) as a run tag; {} for other pruners."""
+        return {PRUNER_DECISIONS_TAG: json.dumps(self._decisions)[:5000]} if self._decisions else {}
+
+    def _decision(self, step: int) -> "Decision | None":
+        """The grokking pruner's decision on this trial at ``step``, recorded in its user attrs when its rule
+        changed (every decision of another pruner: None)."""
+        decisions = getattr(self.trial.study.pruner, "decisions", None)
+        decision = decisions.pop(self.trial.number, None) if isinstance(decisions, dict) else None
+        if decision is not None and (not self._decisions or self._decisions[-1]["rule"] != decision.rule):
+            self._decisions.append(decision.record(step))
+            self.trial.set_user_attr(DECISIONS_ATTR, self._decisions)
+        return decision
 
 
 def trial_config(spec: StudySpec, trial: optuna.Trial) -> Config:
@@ -254,13 +290,14 @@ class Objective:
                 with system_metrics(trial_run.run.run_id, context.client.tracking_uri, enabled=context.system_metrics):
                     result = trainer.train()
             except TrialPrunedStop as stop:
-                trial_run.prune(pruning.pruned_at)
+                trial_run.prune(pruning.pruned_at, str(stop), pruning.decision_tags())
                 raise optuna.TrialPruned(str(stop)) from None
             except SystemExit as exc:  # SIGTERM: Optuna marks FAIL on KeyboardInterrupt, leaves RUNNING on SystemExit
                 trial_run.fail(exc)
                 raise KeyboardInterrupt() from exc
             value = trial_value(trial, context.spec, config, result, pruning.seconds_to_generalize)
-            trial_run.complete(value, result, {PHASE_TAG: phase_of(context.spec, config, result)})
+            trial_run.complete(value, result, {PHASE_TAG: phase_of(context.spec, config, result),
+                                               **pruning.decision_tags()})
         return value
 
     def train_seed(self, config: Config, run: TrackedRun, pruning: PruningCallback) -> TrainResult:
@@ -289,7 +326,7 @@ class Objective:
                     result = self.train_seed(seed_config, child, pruning)
                 except TrialPrunedStop as stop:
                     child.end(KILLED)
-                    trial_run.prune(pruning.pruned_at)
+                    trial_run.prune(pruning.pruned_at, str(stop))
                     raise optuna.TrialPruned(str(stop)) from None
                 except SystemExit as exc:
                     child.end(KILLED)

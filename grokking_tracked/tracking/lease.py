@@ -141,8 +141,8 @@ class LeaseKeeper:
         while not self._stop.wait(self._every):
             try:
                 self._write()
-            except RuntimeError:  # the outbox was closed under us: the run is over
-                return
+            except (RuntimeError, OSError):  # the outbox was closed under us (the run is over), or the spool refuses
+                return  # writes: the run's next write or its end says so, not a traceback from this thread
 
     def stop(self, release: bool = True) -> None:
         """Stop renewing; ``release=False`` leaves the last heartbeat (a crash-like end: on this host the

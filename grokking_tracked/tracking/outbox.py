@@ -22,6 +22,13 @@ outbox asks the server for the run; if that works, the entry counts one refusal,
 ``POISON_TRIES`` it is set aside. Set aside = moved to ``failed/`` with the error, one line echoed, the
 entries behind it still flow, and ``wait()`` returns False from then on (``failures`` says why).
 
+Poison entries. Every entry is checked whole when read (valid JSON, the shape we write, a payload inside its own
+``<seq>.files/``) before any field is used. One that is not (truncated by a dying disk, ``null``, a list, an
+object missing fields) ends the merged group before it and is then set aside alone -- its bytes and reason in
+``failed/``, never re-sent -- so no intact neighbour is touched and delivery never stops at it. ``delivered`` and
+``set_aside`` count entries, so ``sync``'s numbers are true. A spool that refuses writes (read-only, full) raises
+``SpoolUnusable`` in the writer; delivery that stops on it says so once and leaves the rest in place.
+
 No FINISHED without its data: a FINISHED status that comes after set-aside entries is sent as FAILED and
 itself kept (held) in ``failed/``. An adopted spool (``deliver_spool``: ``sync``, ``--resume``) first puts
 back the set-aside entries whose cause may have passed (everything but MLflow's INVALID_PARAMETER_VALUE
@@ -34,6 +41,7 @@ Durable against process death, not an OS crash: entries are not fsync()ed (that 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -47,8 +55,8 @@ from pathlib import Path
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 
 from .outage import OUTAGE, REFUSED, SUSPECT, classify, from_mlflow, short_reason
-from .spool import (ENTRY_NAME, SpoolDelivery, Busy, lock_writer_dir, new_writer_dir, run_spool_dir, spool_root_for,
-                    write_atomically, writer_dirs)
+from .spool import (ENTRY_NAME, SpoolDelivery, SpoolUnusable, Busy, lock_writer_dir, new_writer_dir, run_spool_dir,
+                    spool_root_for, write_atomically, writer_dirs)
 
 __all__ = ["Outbox", "OutboxClosed", "SpoolDelivery", "deliver_spool", "spool_root_for", "run_spool_dir"]
 
@@ -58,8 +66,9 @@ FINAL_ERROR_CODES = ("INVALID_PARAMETER_VALUE",)  # MLflow's refusals that no la
 # log_batch limits of the MLflow REST API (mlflow.utils.validation): consecutive small batches are sent
 # as one request when catching up after an outage (1,000 metrics = ~140 evaluations of 7 metrics).
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100
-_SHOWN_FAILURES = 3
-DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # a deleted run refuses every entry: a few lines, not thousands
+_SHOWN_FAILURES = 3  # a deleted run refuses every entry: a few lines, not thousands
+SENT, HELD, DROPPED = "sent", "held", "dropped"  # what became of a status entry
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")
 
 
 def _default_echo(line: str) -> None:
@@ -70,14 +79,38 @@ class OutboxClosed(RuntimeError):
     """An operation was enqueued after ``close()``."""
 
 
+TERMINATE_WAIT_SECONDS = 5.0
+
+
+def terminate_within(client, run_id: str, status: str, end_time_ms: int | None = None,
+                     seconds: float = TERMINATE_WAIT_SECONDS) -> bool:
+    """Set a terminal status directly (past the outbox), waiting at most ``seconds``: the server may be away too,
+    and MLflow's own retries would take minutes. True if the server took it in time."""
+    done = threading.Event()
+
+    def terminate() -> None:
+        try:
+            client.set_terminated(run_id, status, end_time_ms)
+            done.set()
+        except Exception:  # noqa: BLE001 - unreachable: the caller's error is the one to report
+            pass
+
+    thread = threading.Thread(target=terminate, name=f"terminate-{run_id[:8]}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return done.is_set()
+
+
 def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Callable[[str], None] | None = None,
-                  max_backoff: float = 30.0) -> SpoolDelivery:
+                  max_backoff: float = 30.0, report: SpoolDelivery | None = None) -> SpoolDelivery:
     """Deliver what dead writers left under ``directory`` (a spool root, or one run's directory):
     each writer in creation order, entry by entry in order, retrying outages up to ``timeout`` seconds in
     all. A run's later writers wait for its earlier ones; spools of live processes are skipped.
     Entries set aside earlier are tried again first (see the module docstring); what is still refused
-    stays in ``<writer>/failed/`` and is listed in ``failed``."""
-    report, deadline, blocked = SpoolDelivery(), time.monotonic() + timeout, set()
+    stays in ``<writer>/failed/`` and is listed in ``failed``. ``report``: add to this one (read while it runs:
+    ``delivered_so_far``)."""
+    report = SpoolDelivery() if report is None else report
+    deadline, blocked = time.monotonic() + timeout, set()
     for writer, run_id in writer_dirs(Path(directory)):
         if run_id in blocked:
             report.pending += _entries(writer)
@@ -88,18 +121,26 @@ def deliver_spool(client, directory: str | Path, timeout: float = 60.0, echo: Ca
             report.busy.append(writer)
             blocked.add(run_id)
             continue
-        before = _entries(writer)  # (not outbox.pending: entries put back from failed/ leave gaps in the sequence)
-        outbox.wait(max(0.0, deadline - time.monotonic()))
-        failures = outbox.failures
-        outbox.close()
-        left = _entries(writer)
-        report.delivered += before - left - len(failures)
+        except OSError as error:  # read-only or full: nothing of this writer can be handed over safely
+            report.pending += _entries(writer)
+            report.failed.append(f"cannot use the spool {writer}: {error.strerror or error}")
+            blocked.add(run_id)
+            continue
+        report.live = outbox
+        try:
+            outbox.wait(max(0.0, deadline - time.monotonic()))
+        finally:  # (a request in flight may still land while closing: counted after it)
+            outbox.close(timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            delivered, report.live = outbox.delivered, None
+            report.delivered += delivered
+        failures, set_aside_now = outbox.failures, outbox.set_aside
+        left, kept = _entries(writer), _entries(writer / "failed")
         report.pending += left
+        report.set_aside += kept
         report.failed += failures
-        if (writer / "failed").is_dir():
-            earlier = sum(1 for p in (writer / "failed").iterdir() if ENTRY_NAME.match(p.name)) - len(failures)
-            if earlier > 0:
-                report.failed.append(f"{earlier} operations of run {run_id} refused earlier are kept in {writer / 'failed'}")
+        if kept > set_aside_now:
+            report.failed.append(f"{kept - set_aside_now} operations of run {run_id} refused earlier are kept in "
+                                 f"{writer / 'failed'}")
         if left:
             blocked.add(run_id)
     return report
@@ -121,6 +162,86 @@ def _describe(entry: dict) -> str:
     if entry["op"] == "model":
         return f"logged model {entry['name']}"
     return "an unreadable entry"
+
+
+class Unreadable(ValueError):
+    """A spool entry that cannot be delivered as it is: not JSON (truncated), or JSON of the wrong shape.
+    ``raw``: its bytes, kept with it when it is set aside."""
+
+    def __init__(self, reason: str, raw: bytes = b""):
+        super().__init__(reason)
+        self.raw = raw
+
+
+_STATUSES = frozenset(RunStatus.to_string(status) for status in RunStatus.all_status())
+
+
+def _pairs(value, second=str) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], second) for p in value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _metric_rows(value, width: int) -> bool:  # [key, value, timestamp(, step)]
+    return isinstance(value, list) and all(
+        isinstance(m, list) and len(m) == width and isinstance(m[0], str) and _number(m[1])
+        and all(_integer(x) for x in m[2:]) for m in value)
+
+
+def _payload(entry: dict, seq: int) -> bool:  # only this entry's own <seq>.files/NAME: never a path elsewhere
+    file = entry.get("file")
+    prefix = f"{seq:010d}.files/"
+    return isinstance(file, str) and file.startswith(prefix) and file[len(prefix):] not in ("", ".", "..") \
+        and "/" not in file[len(prefix):]
+
+
+def _shape_problem(entry, seq: int) -> str | None:
+    """Why ``entry`` (parsed JSON of spool entry ``seq``) cannot be delivered, None if it has the shape we write.
+    Checked before anything reads a field, so a wrong-shaped entry is set aside alone instead of stopping delivery."""
+    if not isinstance(entry, dict):
+        kind = {type(None): "null", list: "list", str: "string", bool: "boolean"}.get(type(entry), "number")
+        return f"JSON {kind}, not an operation"
+    op = entry.get("op")
+    if op == "batch":
+        ok = _metric_rows(entry.get("metrics"), 4) and _pairs(entry.get("params")) and _pairs(entry.get("tags"))
+    elif op == "artifact":
+        ok = (entry.get("dir") is None or isinstance(entry.get("dir"), str)) and _payload(entry, seq)
+    elif op == "status":
+        ok = entry.get("status") in _STATUSES and (entry.get("end_time") is None or _integer(entry.get("end_time")))
+    elif op == "inputs":
+        datasets = entry.get("datasets")
+        ok = isinstance(datasets, list) and all(
+            isinstance(d, dict) and isinstance(d.get("dataset"), dict) and set(d["dataset"]) == set(DATASET_FIELDS)
+            and all(v is None or isinstance(v, str) for v in d["dataset"].values()) and _pairs(d.get("tags"))
+            for d in datasets)
+    elif op == "model":
+        ok = (isinstance(entry.get("name"), str) and isinstance(entry.get("experiment_id"), str)
+              and _integer(entry.get("step")) and isinstance(entry.get("reasons"), list)
+              and all(isinstance(r, str) for r in entry["reasons"]) and _metric_rows(entry.get("metrics"), 3)
+              and _payload(entry, seq))
+    else:
+        return f"unknown operation {str(op)[:40]!r}"
+    return None if ok else f"a {op} entry with missing or wrong-typed fields"
+
+
+def read_entry(path: Path, seq: int) -> dict:
+    """The operation in spool entry file ``path`` (number ``seq``); ``Unreadable`` with the reason if it is not one
+    (FileNotFoundError if it is gone)."""
+    raw = path.read_bytes()
+    try:
+        entry = json.loads(raw)
+    except ValueError as error:  # truncated, or not text at all
+        raise Unreadable(f"not valid JSON ({error})", raw) from None
+    if problem := _shape_problem(entry, seq):
+        raise Unreadable(problem, raw)
+    return entry
 
 
 class Outbox:
@@ -146,7 +267,9 @@ class Outbox:
         self._done_seq = existing[0] if existing else 0  # entries below this are delivered or failed
         self._cond = threading.Condition()
         self._closing = threading.Event()
+        self._closed = False
         self._failures: list[str] = []
+        self._delivered = self._set_aside_count = 0  # entries delivered, and set aside, by this outbox
         self._down_since: float | None = None  # outage bookkeeping for the two stderr lines
         self._drain_until: int | None = None
         self._drained, self._back_after = 0, 0.0
@@ -163,6 +286,23 @@ class Outbox:
         """Entries enqueued but neither delivered nor moved to failed/."""
         with self._cond:
             return self._next_seq - self._done_seq
+
+    @property
+    def delivered(self) -> int:
+        """Entries this outbox delivered (a dropped stale status and set-aside entries are not counted)."""
+        with self._cond:
+            return self._delivered
+
+    @property
+    def set_aside(self) -> int:
+        """Entries this outbox moved to failed/ (refused, unreadable, or a held status)."""
+        with self._cond:
+            return self._set_aside_count
+
+    @property
+    def stopped(self) -> bool:
+        """Whether delivery stopped by itself (an error it reported in ``failures``), not by ``close()``."""
+        return not self._thread.is_alive() and not self._closing.is_set()
 
     @property
     def failures(self) -> list[str]:
@@ -250,10 +390,7 @@ class Outbox:
             self._enqueue({"op": "status", "status": status, "end_time": end_time_ms})
         except OSError:  # the spool cannot take it (full disk): end the run directly, never leave it RUNNING
             if RunStatus.is_terminated(RunStatus.from_string(status)):
-                try:
-                    self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status, end_time_ms)
-                except Exception:  # noqa: BLE001 - the server away too: the disk error is the one to report
-                    pass
+                terminate_within(self.client, self.run_id, "FAILED" if status == "FINISHED" else status, end_time_ms)
             raise
 
     def _enqueue(self, entry: dict, file_name: str | None = None, fill: Callable[[Path], object] | None = None,
@@ -263,14 +400,25 @@ class Outbox:
             if self._closing.is_set():
                 raise OutboxClosed(f"outbox of run {self.run_id} is closed")
             seq = self._next_seq
-            if fill is not None:
-                files = self._dir / f"{seq:010d}.files"
-                shutil.rmtree(files, ignore_errors=True)  # exists only if a process died right here
-                fill(files / file_name)
-                entry["file"] = f"{files.name}/{file_name}"
-            write_atomically(self._dir / f"{seq:010d}.json", json.dumps(entry))
+            try:
+                if fill is not None:
+                    files = self._dir / f"{seq:010d}.files"
+                    shutil.rmtree(files, ignore_errors=True)  # exists only if a process died right here
+                    fill(files / file_name)
+                    entry["file"] = f"{files.name}/{file_name}"
+                write_atomically(self._dir / f"{seq:010d}.json", json.dumps(entry))
+            except OSError as error:
+                if not self._spool_error(error):
+                    raise  # the caller's own file (a copy's source that is gone)
+                raise SpoolUnusable(f"cannot write to the spool {self._dir}: {error.strerror or error}") from None
             self._next_seq = seq + 1
             self._cond.notify_all()
+
+    def _spool_error(self, error: OSError) -> bool:
+        """Whether ``error`` is the spool's filesystem refusing a write (read-only, full, no permission)."""
+        if isinstance(error, SpoolUnusable) or error.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            return True
+        return error.filename is None or str(error.filename).startswith(str(self._dir))
 
     # ------------------------------------------------------------------------------ waiting
     def wait(self, timeout: float | None = None, progress: Callable[[int, float], None] | None = None) -> bool:
@@ -299,11 +447,14 @@ class Outbox:
     def close(self, timeout: float = 10.0) -> None:
         """Stop delivering (what is pending stays in the spool) and release the spool; a fully delivered
         spool without failures is removed. Waits up to ``timeout`` s for a request in flight."""
+        if self._closed:
+            return
         with self._cond:
             self._closing.set()
             self._cond.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
+            self._closed = True
             return  # a request still in flight: keep the lock; the process's exit releases it
         with self._cond:
             finished = self._done_seq == self._next_seq and not (self._dir / "failed").exists()
@@ -313,6 +464,7 @@ class Outbox:
                 self._dir.parent.rmdir()  # the run's directory, if no other writer is left in it
             except OSError:
                 pass
+        self._closed = True
         os.close(self._lock_fd)
 
     # ------------------------------------------------------------------------------ delivery thread
@@ -320,8 +472,11 @@ class Outbox:
         try:
             self._deliver_loop()
         except Exception as exc:  # a bug or a full local disk: say so once instead of dying silently
-            line = f"delivery of run {self.run_id} stopped ({short_reason(exc)}); the rest stays in {self._dir}"
-            self._echo(line)
+            spool = isinstance(exc, OSError) and self._spool_error(exc)
+            reason = f"cannot write to the spool: {exc.strerror or exc}" if spool else short_reason(exc)
+            line = f"delivery of run {self.run_id} stopped ({reason}); the rest stays in {self._dir}"
+            if not spool:  # (a spool that refuses writes is reported once, by whoever writes next or waits)
+                self._echo(line)
             with self._cond:
                 self._failures.append(line)
 
@@ -338,16 +493,20 @@ class Outbox:
                 first, end = self._done_seq, self._next_seq
             try:
                 group = self._read_group(first, end, merge=first > split_until)
-            except ValueError as exc:  # a corrupt entry file (never a torn one: they are renamed in)
-                self._fail(first, {"op": "unreadable"}, exc)
+            except Unreadable as exc:  # the entry ``first`` itself (never a torn one: entries are renamed in)
+                self._fail(first, {"op": "unreadable", "raw": exc.raw.decode("utf-8", "surrogateescape")}, exc)
                 continue
             if not group:  # a vanished entry (only an external hand can do that): nothing to deliver
                 self._finish(first + 1)
                 continue
+            sent = len(group)
             try:
-                if group[0][1]["op"] == "status" and not self._send_status(group[0][0], group[0][1]):
-                    continue  # held in failed/ (see the module docstring)
-                if group[0][1]["op"] != "status":
+                if group[0][1]["op"] == "status":
+                    outcome = self._send_status(group[0][0], group[0][1])
+                    if outcome == HELD:
+                        continue  # held in failed/ (see the module docstring)
+                    sent = int(outcome == SENT)
+                else:
                     self._send([entry for _, entry in group])
             except Exception as exc:  # classified below: an outage is retried, a refusal is set aside
                 kind = classify(exc)
@@ -376,7 +535,9 @@ class Outbox:
             backoff = BACKOFF_START_S
             for seq, _ in group:
                 self._remove(seq)
-            self._delivered(group[-1][0], len(group))
+            with self._cond:
+                self._delivered += sent
+            self._back_online(group[-1][0], len(group))
             self._finish(group[-1][0] + 1)
 
     def _read_group(self, first: int, end: int, merge: bool) -> list[tuple[int, dict]]:
@@ -386,9 +547,13 @@ class Outbox:
         param_keys: set[str] = set()
         for seq in range(first, end):
             try:
-                entry = json.loads((self._dir / f"{seq:010d}.json").read_text())
+                entry = read_entry(self._dir / f"{seq:010d}.json", seq)
             except FileNotFoundError:
                 break
+            except Unreadable:
+                if not group:
+                    raise
+                break  # the group ends before it: it comes next, alone (set aside with its own reason)
             if group and (entry["op"] != "batch" or group[0][1]["op"] != "batch"):
                 break
             keys = {k for k, _ in entry.get("params", ())}
@@ -421,27 +586,29 @@ class Outbox:
         for path in failed.iterdir():
             if ENTRY_NAME.match(path.name):
                 try:
-                    count += json.loads(path.read_text()).get("op") != "status"
+                    entry = json.loads(path.read_text())
+                    count += not (isinstance(entry, dict) and entry.get("op") == "status")
                 except (OSError, ValueError):
                     count += 1
         return count
 
-    def _send_status(self, seq: int, entry: dict) -> bool:
-        """Send a status entry; False if it was held instead (a FINISHED after set-aside entries)."""
+    def _send_status(self, seq: int, entry: dict) -> str:
+        """Send a status entry: SENT, HELD (a FINISHED after set-aside entries, kept in failed/) or DROPPED (a held
+        FINISHED of a run continued since)."""
         if entry["status"] == "FINISHED" and (missing := self._set_aside()):
             self.client.set_terminated(self.run_id, "FAILED", entry["end_time"])
             self._fail(seq, {**entry, "held": True}, RuntimeError(
                 f"{missing} operations were set aside: ended FAILED, not FINISHED; `grokking-tracked sync` "
                 f"retries those that may pass, and once all are in marks it FINISHED"), kept=True)
-            return False
+            return HELD
         if entry.get("held"):  # from an earlier attempt: only if nobody has continued the run since
             info = self.client.get_run(self.run_id).info
             if info.status != "FAILED" or info.end_time != entry["end_time"]:
                 self._echo(f"run {self.run_id} was continued after it ended without all its data; "
                            f"its old FINISHED status is dropped")
-                return True
+                return DROPPED
         self._send([entry])
-        return True
+        return SENT
 
     def _requeue_set_aside(self) -> None:
         """Put back what an earlier attempt set aside whose cause may have passed (see the module docstring)."""
@@ -455,9 +622,11 @@ class Outbox:
                 entry = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if not entry.pop("may_pass", True):
+            if not isinstance(entry, dict) or not entry.get("may_pass", True):
+                continue  # (an unreadable entry is kept there as it was, with its reason)
+            entry = {k: v for k, v in entry.items() if k not in ("may_pass", "error")}
+            if _shape_problem(entry, int(path.name[:10])) is not None:
                 continue
-            entry.pop("error", None)
             files = failed / path.name.replace(".json", ".files")
             if files.exists():
                 files.rename(self._dir / files.name)
@@ -509,6 +678,8 @@ class Outbox:
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         if kept:
             line = f"run {self.run_id}: {message}"
+        elif entry.get("op") == "unreadable":  # a local fault: the server was never asked
+            line = f"spool entry {seq:010d}.json of run {self.run_id} is unreadable ({message}); set aside in {failed}"
         elif isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
             # a local file we could not read: no server was asked (a requests error is an OSError, not these)
             line = (f"{_describe(entry)} of run {self.run_id} was not sent: its local copy cannot be read "
@@ -529,6 +700,7 @@ class Outbox:
         (self._dir / f"{seq:010d}.json").unlink(missing_ok=True)
         with self._cond:
             self._failures.append(line)
+            self._set_aside_count += 1
             shown = len(self._failures)
         if shown <= _SHOWN_FAILURES:
             self._echo(line if shown < _SHOWN_FAILURES else f"{line}; further refusals are only kept there")
@@ -540,7 +712,7 @@ class Outbox:
             self._echo(f"tracking server unreachable ({short_reason(exc)}); spooling to {self._dir}, retrying")
         self._drain_until = None  # back down while catching up: still the same outage, no new line
 
-    def _delivered(self, last_seq: int, count: int) -> None:
+    def _back_online(self, last_seq: int, count: int) -> None:
         """After an outage, say so once the backlog present at reconnection is delivered."""
         if self._down_since is None:
             return

@@ -28,10 +28,11 @@ from ..config import Config
 from ..train import TrainingStopped
 from .lease import LEASE_TAG, LeaseKeeper, lease_state, lease_value, this_host
 from .artifacts import checked
-from .outbox import Outbox, deliver_spool
+from .outage import is_transient
+from .outbox import BACKOFF_MAX_S, BACKOFF_START_S, TERMINATE_WAIT_SECONDS, Outbox, deliver_spool, terminate_within
 from .provenance import context_tags, dataset_inputs, default_run_name
-from .redact import redact, redact_values
-from .spool import SpoolDelivery, run_spool_dir, spool_root_for, writer_dirs
+from .redact import redact, redact_values, without_userinfo
+from .spool import SpoolDelivery, run_spool_dir, spool_root_for, spooled_entries, writer_dirs
 from .store import TrackingError, check_artifact_location, ensure_experiment, get_run
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
@@ -90,32 +91,88 @@ def config_params(config: Config) -> list[Param]:
     return [Param(key, redact(str(value))) for key, value in config.to_dict().items()]
 
 
-def deliver_leftovers(client: MlflowClient, timeout: float, echo: Callable[[str], None] | None = None):
+def deliver_leftovers(client: MlflowClient, timeout: float, echo: Callable[[str], None] | None = None,
+                      report: SpoolDelivery | None = None) -> SpoolDelivery:
     """``grokking-tracked sync``: deliver every spool that dead writers left for this tracking store (runs that
-    ended while the server was away, processes that were killed); returns the ``SpoolDelivery`` report.
+    ended while the server was away, processes that were killed); returns the ``SpoolDelivery`` report (``report``:
+    added to, so another thread can read how far it got).
 
     A run whose artifact location the server names where we must not write (``store.check_artifact_location``)
     gets nothing delivered: its spool stays, it is ended FAILED unless a live process still writes it, and the
-    refusal is the report's first failure."""
+    refusal is the report's first failure. A run the server does not answer for (away, stalling) until ``timeout``
+    keeps its spool, counted pending."""
     client = checked(client)
     root = spool_root_for(client.tracking_uri)
+    report = SpoolDelivery() if report is None else report
     if not root.is_dir():
-        return SpoolDelivery()
-    report, timeout_at = SpoolDelivery(), time.monotonic() + timeout
+        return report
+    timeout_at = time.monotonic() + timeout
     for run_id in dict.fromkeys(run_id for _, run_id in writer_dirs(root)):
+        run_dir = run_spool_dir(root, run_id)
+        if not _answers_for(client, run_id, timeout_at):  # away until the deadline: the spool waits for it
+            report.pending += spooled_entries(run_dir)
+            continue
         try:
             client.artifact_repository(run_id)
         except TrackingError as refusal:
             report.failed.append(str(refusal))
             _fail_unless_written(client, root, run_id)
             continue
-        part = deliver_spool(client, run_spool_dir(root, run_id), timeout=max(0.0, timeout_at - time.monotonic()),
-                             echo=echo or _stderr_line)
-        report.delivered += part.delivered
-        report.pending += part.pending
-        report.failed += part.failed
-        report.busy += part.busy
+        deliver_spool(client, run_dir, timeout=max(0.0, timeout_at - time.monotonic()), echo=echo or _stderr_line,
+                      report=report)
     return report
+
+
+def _answers_for(client: MlflowClient, run_id: str, deadline: float) -> bool:
+    """Whether the server answers a look-up of ``run_id`` before ``deadline`` (monotonic), retried with back-off
+    while it is away. Its answer may be a refusal ("no such run"): the caller's next look-up words that. An outage
+    is never reported as "no such run"."""
+    backoff = BACKOFF_START_S
+    while time.monotonic() < deadline:
+        try:
+            client.get_run(run_id)
+            return True
+        except Exception as error:  # noqa: BLE001 - classified: only an outage is retried
+            if not is_transient(error):
+                return True
+        time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+        backoff = min(backoff * 2, BACKOFF_MAX_S)
+    return False
+
+
+class SyncTimedOut(TrackingError):
+    """``sync`` ran out of its ``--timeout``: what is not delivered stays in the spool."""
+
+
+SYNC_GRACE_SECONDS = 2.0  # after --timeout: for a delivery cut at its deadline to close and count what it did
+
+
+def sync(tracking_uri: str | None, timeout: float, echo: Callable[[str], None] | None = None) -> SpoolDelivery:
+    """``grokking-tracked sync`` bounded as a whole: connecting, every run look-up and every delivery happen in a
+    worker thread given ``timeout`` seconds (and a short grace to count what it did); past that ``SyncTimedOut``
+    says so, with what was delivered by then, and the process exits (the spool stays consistent: entries are
+    renamed in and deleted only once delivered, and re-sending is safe)."""
+    from .store import connect, resolve_tracking_uri
+
+    report, outcome = SpoolDelivery(), []
+
+    def work() -> None:
+        try:
+            outcome.append(deliver_leftovers(connect(tracking_uri), timeout, echo=echo, report=report))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(error)
+
+    worker = threading.Thread(target=work, name="sync", daemon=True)
+    worker.start()
+    worker.join(timeout + SYNC_GRACE_SECONDS)
+    if not outcome:
+        uri = resolve_tracking_uri(tracking_uri)
+        raise SyncTimedOut(f"sync timed out after {timeout:g} s (the tracking server at {without_userinfo(uri)} did "
+                           f"not answer in time); {report.delivered_so_far()} operations delivered, the rest stays "
+                           f"in {spool_root_for(uri)}: run `grokking-tracked sync` again")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _fail_unless_written(client: MlflowClient, root: Path, run_id: str) -> None:
@@ -181,6 +238,7 @@ class TrackedRun:
             self.lease.start()
         self.status: str | None = None
         self.appends = False  # opened by ``append``: an ended run gets more data, its status is left alone
+        self._terminated = False  # a status was set directly (past the outbox)
         self._later: list[tuple[Future, str]] = []
 
     # ------------------------------------------------------------------ opening
@@ -354,16 +412,29 @@ class TrackedRun:
         if self.status is not None:
             return
         self.status = status
-        if self.lease is not None:
-            self.lease.stop(release=True)
-        if background and self._later and status == FINISHED:
-            if self._deliver(status, final=False):
-                thread = threading.Thread(target=self._finish_quietly, args=(status,), daemon=True,
-                                          name=f"finish-{self.run_id[:8]}")
-                _BACKGROUND.append(thread)
-                thread.start()
-                return
-        self._finish(status)
+        try:
+            if self.lease is not None:
+                self.lease.stop(release=True)
+            if background and self._later and status == FINISHED:
+                if self._deliver(status, final=False):
+                    thread = threading.Thread(target=self._finish_quietly, args=(status,), daemon=True,
+                                              name=f"finish-{self.run_id[:8]}")
+                    _BACKGROUND.append(thread)
+                    thread.start()
+                    return
+            self._finish(status)
+        except TrackingUndelivered:
+            raise  # its data is safe in the spool: RUNNING until `sync` delivers it (the README's promise)
+        except BaseException as error:  # the spool refused a write (read-only, full disk), or a bug: the run
+            self._end_directly(status, error)  # must not stay RUNNING with nothing left to end it
+            raise
+
+    def _end_directly(self, status: str, error: BaseException) -> None:
+        """End the run on the server now, past its outbox (which could not take the status), and release the spool:
+        what it holds stays there for ``sync``."""
+        if not self.appends and not self._terminated:
+            self._terminate_promptly(status_for(error) if status == FINISHED else status)
+        self.outbox.close(timeout=1.0)
 
     def _finish(self, status: str) -> None:
         for files, artifact_path in self._later:
@@ -381,6 +452,8 @@ class TrackedRun:
         try:
             self._finish(status)
         except Exception as error:  # noqa: BLE001 - nobody to raise to in a background thread: say it
+            if not isinstance(error, TrackingUndelivered):  # (its data waits in the spool: RUNNING until sync)
+                self._end_directly(status, error)
             self.echo(str(error))
 
     def _deliver(self, status: str, final: bool) -> bool:
@@ -405,17 +478,19 @@ class TrackedRun:
             raise
         if not final:  # the caller queues the rest and waits again
             return delivered
-        pending, failures = self.outbox.pending, self.outbox.failures
+        pending, failures, stopped = self.outbox.pending, self.outbox.failures, self.outbox.stopped
         spool = self.outbox.spool_dir
         self.outbox.close()
         if delivered:
             return True
-        if pending:
+        if pending and stopped:  # not the server: delivery itself stopped (the spool refused a write, a bug)
+            message = f"{failures[-1]}; `grokking-tracked sync` delivers it once that is fixed"
+        elif pending:
             message = (f"the tracking server did not take run {self.run_id}'s last {pending} operations within "
                        f"{budget:.0f} s; they are safe in {spool}: run `grokking-tracked sync` "
                        f"(or `grokking-tracked run --resume {self.run_id}`) when it is back")
         else:
-            message = f"the tracking server refused part of run {self.run_id}: {failures[0]}"
+            message = f"run {self.run_id} did not deliver all its data: {failures[0]}"  # (refused, or the spool)
         if status == FINISHED:
             raise TrackingUndelivered(message)
         if not self.appends:
@@ -431,17 +506,10 @@ class TrackedRun:
             thread = _BACKGROUND.pop(0)
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _terminate_promptly(self, status: str, seconds: float = 5.0) -> None:
+    def _terminate_promptly(self, status: str, seconds: float = TERMINATE_WAIT_SECONDS) -> None:
         """Set a terminal status directly, giving up after ``seconds`` (the server may be why we stop)."""
-        def terminate() -> None:
-            try:
-                self.client.set_terminated(self.run_id, status=status)
-            except Exception:  # noqa: BLE001 - unreachable: the spool still ends with a status
-                pass
-
-        thread = threading.Thread(target=terminate, daemon=True)
-        thread.start()
-        thread.join(seconds)
+        self._terminated = True
+        terminate_within(self.client, self.run_id, status, seconds=seconds)
 
     def __enter__(self) -> "TrackedRun":
         return self

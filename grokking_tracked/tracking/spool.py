@@ -10,12 +10,12 @@ Spool layout (one writer = one process's outbox on one run; several writers of o
 workers writing the study's parent run, never interleave their sequences)::
 
     <spool root>/<run_id>/<host>-<pid>-<n>/
-        writer.json              run id, tracking URI, host, pid, creation time
+        writer.json              run id, server (public_uri: no credentials), host, pid, creation time
         lock                     flock()ed by the live writer: the kernel drops it on any death
         0000000042.json          one operation; written as .tmp then renamed, so never seen half-written
         0000000042.files/NAME    its payload (artifact name = file name), moved in before the .json exists
         staging/<n>/NAME         where callers write big files (checkpoints) to be moved in, never copied
-        failed/                  entries the server refused for good (see outbox.py)
+        failed/                  entries the server refused for good, or unreadable ones (see outbox.py)
 """
 
 from __future__ import annotations
@@ -42,6 +42,29 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("_") or "_"
 
 
+def public_uri(tracking_uri: str) -> str:
+    """What a spool may record of a tracking URI: a local store's path, or a server's ``scheme://host:port`` --
+    never its user, password, path or query. Where the userinfo is ambiguous (a password with an unencoded ``/``,
+    ``?`` or ``#`` ends the authority early: an ``@`` is left after it), only the scheme."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("", "file", "sqlite") and "@" not in tracking_uri:
+        return tracking_uri
+    if "@" in tracking_uri[len(parts.scheme) + 3 + len(parts.netloc):]:
+        return f"{parts.scheme}://"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _store_identity(tracking_uri: str) -> str:
+    """A database URI without its password and query (the same database under another password is the same
+    store), to name its spool by; only ``public_uri`` where the userinfo is ambiguous (such stores of one scheme
+    then share a spool: harmless, a run id names one run on one server)."""
+    parts = urlsplit(tracking_uri)
+    if "@" in tracking_uri[len(parts.scheme) + 3 + len(parts.netloc):]:
+        return public_uri(tracking_uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    return f"{parts.scheme}://{userinfo.partition(':')[0]}{at}{host}{parts.path}"
+
+
 def spool_root_for(tracking_uri: str) -> Path:
     """The spool root of a tracking store (see the module docstring); touches nothing on disk."""
     parts = urlsplit(tracking_uri)
@@ -62,7 +85,8 @@ def spool_root_for(tracking_uri: str) -> Path:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         name = _safe(f"{parts.hostname}_{port}" + (f"_{parts.path}" if parts.path.strip("/") else ""))
     else:  # postgresql://, mysql://, databricks: a stable name without the URI's secrets
-        name = f"{_safe(parts.scheme)}_{_safe(parts.hostname or '')}_{hashlib.sha1(tracking_uri.encode()).hexdigest()[:12]}"
+        digest = hashlib.sha1(_store_identity(tracking_uri).encode()).hexdigest()[:12]  # never of a password
+        name = f"{_safe(parts.scheme)}_{_safe(parts.hostname or '')}_{digest}"
     return base_path / name
 
 
@@ -123,8 +147,8 @@ def new_writer_dir(run_dir: Path, run_id: str, tracking_uri: str) -> tuple[Path,
         raise SpoolUnusable(f"cannot create a writer directory in the spool {run_dir}")
     try:
         fd = lock_writer_dir(path)
-        write_atomically(path / "writer.json", json.dumps({
-            "run_id": run_id, "tracking_uri": tracking_uri, "host": this_host(), "pid": os.getpid(),
+        write_atomically(path / "writer.json", json.dumps({  # nothing secret: delivery needs none of the URI
+            "run_id": run_id, "server": public_uri(tracking_uri), "host": this_host(), "pid": os.getpid(),
             "created": time.time()}))
     except OSError as error:
         raise SpoolUnusable(f"cannot write the spool {path}: {error.strerror or error}") from None
@@ -139,10 +163,16 @@ def writer_dirs(directory: Path) -> Iterator[tuple[Path, str]]:
         try:
             record = json.loads(meta.read_text())
             found.append((float(record["created"]), meta.parent.name, meta.parent, str(record["run_id"])))
-        except (OSError, ValueError, KeyError):
-            continue  # not a writer (or one being created right now)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a writer (or one being created right now, or a damaged one: left alone)
     for _, _, path, run_id in sorted(found):
         yield path, run_id
+
+
+def spooled_entries(directory: Path) -> int:
+    """Entries waiting in the writer spools at most two levels below ``directory`` (not those set aside)."""
+    return sum(sum(1 for p in writer.iterdir() if ENTRY_NAME.match(p.name)) for writer, _ in writer_dirs(directory)
+               if writer.is_dir())
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -158,10 +188,17 @@ class SpoolDelivery:
     pending: int = 0  # still in the spool (server away, or waiting behind an undelivered writer)
     failed: list[str] = field(default_factory=list)
     busy: list[Path] = field(default_factory=list)  # spools of live processes, left alone
+    set_aside: int = 0  # entries in failed/ after this attempt: refused, unreadable, or a held status
+    live: object = field(default=None, repr=False, compare=False)  # the Outbox delivering now, if any
 
     @property
     def complete(self) -> bool:
         return not (self.pending or self.failed)
+
+    def delivered_so_far(self) -> int:
+        """What is delivered already, while a delivery is still going on (read from another thread)."""
+        live = self.live
+        return self.delivered + (live.delivered if live is not None else 0)
 
 
 def check_spool(tracking_uri: str) -> Path:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from mlflow.entities import Metric
 
-from .. import figures
 from ..train import Callback, TrainingState, TrainResult
-from .drawer import FigureDrawer
 from .models import model_reasons
 from .names import event_metric, mlflow_metrics
 from .provenance import DESCRIPTION_TAG, run_description, runtime_tags
 from .runs import EVENTS_ARTIFACT, TrackedRun, metrics_at
+
+if TYPE_CHECKING:
+    from .drawer import FigureDrawer
 
 CHECKPOINT_DIR = "checkpoints"
 KEY_FREQUENCIES_TAG = "grokking_tracked.key_frequencies"  # the live progress measures' current key frequencies
@@ -97,6 +99,8 @@ class MlflowTracker(Callback):
                            DESCRIPTION_TAG: run_description(result)})
         if not self.log_figures:
             return
+        from .. import figures  # matplotlib (~0.7 s): not before the first step
+
         config = state.config
         title = (f"{config.operation} mod {config.p}, train fraction {config.train_frac}, "
                  f"lr {config.lr:g}, wd {config.weight_decay:g}")
