@@ -69,12 +69,30 @@ def check_safe_loading(version: str | None = None) -> None:
                               f"torch {'.'.join(map(str, SAFE_LOADING_TORCH))} on): upgrade torch")
 
 
+def _not_a_file(path: Path) -> str:
+    """What ``path`` is instead of a regular file, as a phrase: a FIFO is not "missing" (reading one blocks)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return f"is {kind}, not a regular file"
+    return "is not a regular file"
+
+
 def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(weights_only=True)`` of any file: tensors and plain containers only, one-line errors."""
     check_safe_loading()
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+        raise CheckpointError(f"{what} {path} {_not_a_file(path)}")
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line is ours
             warnings.simplefilter("ignore")
@@ -105,10 +123,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_checkpoint(state: dict[str, Any]):
-    from .config import Config, ConfigError
+    """The checkpoint's config, checked as a whole (``config.stored_config``: fields, domains, a model that fits
+    in memory) before any model is built from it."""
+    from .config import ConfigError, stored_config
 
     try:
-        return Config.from_dict(state["config"])
+        return stored_config(state["config"], "its config")
     except ConfigError as error:
         raise CheckpointError(f"checkpoint has an invalid config: {error}") from None
 

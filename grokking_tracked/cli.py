@@ -29,6 +29,7 @@ MLFLOW_CLIENT_ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # ours shows checkpoint by checkpoint
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # its "🏃 View run" lines when a run ends (we print links)
     "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 SYSTEM_METRICS_HELP = ("Also log MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, "
@@ -97,6 +98,22 @@ def lone_threads(config=None) -> int:
     return default_threads(torch.device("cpu"), config, lone=True)
 
 
+class PlainNumber(click.ParamType):
+    """An int or float as typed: ASCII digits, no '_' (click's int and float take '٢٣' and '2_0' as 23 and 20)."""
+
+    def __init__(self, kind: type):
+        self.kind, self.name = kind, "integer" if kind is int else "float"  # click's metavars
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and (not value.isascii() or "_" in value):
+            self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'} written with ASCII "
+                      "digits 0-9 and no '_'", param, ctx)
+        return (click.INT if self.kind is int else click.FLOAT).convert(value, param, ctx)
+
+
+INT, FLOAT = PlainNumber(int), PlainNumber(float)
+
+
 def tracking_uri_option(f):
     return click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_URI_HELP)(f)
 
@@ -120,32 +137,32 @@ def cli() -> None:
 @cli.command()
 @click.option("--preset", default="default", show_default=True, type=click.Choice(sorted(PRESETS)),
               help="Starting configuration; every option below overrides it.")
-@click.option("--p", "p", type=int, help="Modulus (prime for div).")
+@click.option("--p", "p", type=INT, help="Modulus (prime for div).")
 @click.option("--operation", type=click.Choice(OPERATIONS))
-@click.option("--train-frac", type=float, help="Fraction of all (a, b) pairs used for training.")
-@click.option("--data-seed", type=int)
-@click.option("--lr", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--seed", type=int, help="Model initialisation seed.")
-@click.option("--d-model", type=int)
-@click.option("--d-mlp", type=int)
-@click.option("--n-heads", type=int)
-@click.option("--n-layers", type=int)
-@click.option("--max-steps", type=int)
-@click.option("--eval-every", type=int)
-@click.option("--batch-size", type=int, help="Examples per step, reshuffled every epoch (0: full batch).")
-@click.option("--checkpoint-every", type=int, help="Periodic checkpoint interval in steps (0: events and final only).")
+@click.option("--train-frac", type=FLOAT, help="Fraction of all (a, b) pairs used for training.")
+@click.option("--data-seed", type=INT)
+@click.option("--lr", type=FLOAT)
+@click.option("--weight-decay", type=FLOAT)
+@click.option("--seed", type=INT, help="Model initialisation seed.")
+@click.option("--d-model", type=INT)
+@click.option("--d-mlp", type=INT)
+@click.option("--n-heads", type=INT)
+@click.option("--n-layers", type=INT)
+@click.option("--max-steps", type=INT)
+@click.option("--eval-every", type=INT)
+@click.option("--batch-size", type=INT, help="Examples per step, reshuffled every epoch (0: full batch).")
+@click.option("--checkpoint-every", type=INT, help="Periodic checkpoint interval in steps (0: events and final only).")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES))
 @click.option("--wd-schedule", type=click.Choice(WD_SCHEDULES))
 @click.option("--curriculum/--no-curriculum", default=None, help="Grow the training set from easy to hard examples.")
-@click.option("--grokfast-alpha", type=float)
-@click.option("--grokfast-lambda", type=float, help="Grokfast EMA gradient filter strength (0: off).")
+@click.option("--grokfast-alpha", type=FLOAT)
+@click.option("--grokfast-lambda", type=FLOAT, help="Grokfast EMA gradient filter strength (0: off).")
 @click.option("--stop-on-grok/--no-stop-on-grok", default=None,
               help="Stop a short margin after the stop event (default: on).")
 @click.option("--stop-after", type=click.Choice(STOP_EVENTS),
               help="The stop event: generalization (default), or cleanup_end (Nanda's clean-up over; needs "
                    "--progress-every).")
-@click.option("--progress-every", type=int,
+@click.option("--progress-every", type=INT,
               help="Steps between live progress measures (restricted/excluded loss, Gini, key frequencies; 0: off).")
 @click.option("--device", type=click.Choice(DEVICES), help="auto picks CUDA when available.")
 @click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE", help="Override any config field.")
@@ -206,8 +223,8 @@ def run(preset: str, assignments: tuple[str, ...], experiment: str, run_name: st
 @click.option("--run-name", default=None, help="MLflow run name.")
 @click.option("--operation", type=click.Choice(OPERATIONS), default="add", show_default=True,
               help="For a bare state dict: the task it was trained on (a run folder's config.json says).")
-@click.option("--train-frac", type=float, default=None, help="For a bare state dict: its training fraction.")
-@click.option("--data-seed", type=int, default=None, help="For a bare state dict: its split's seed.")
+@click.option("--train-frac", type=FLOAT, default=None, help="For a bare state dict: its training fraction.")
+@click.option("--data-seed", type=INT, default=None, help="For a bare state dict: its split's seed.")
 @tracking_uri_option
 def import_(path: str, experiment: str, run_name: str | None, operation: str, train_frac: float | None,
             data_seed: int | None, tracking_uri: str | None) -> None:
@@ -395,6 +412,11 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from .tracking.redact import password_of, remember, remember_argv  # (standard library: --help stays light)
+
+    # every line we print is redacted of these literally too (a storage's error may quote its URL in any form)
+    remember_argv(list(sys.argv[1:] if argv is None else argv))
+    remember(password_of(os.environ.get("MLFLOW_TRACKING_URI", "")))
     try:
         _dispatch(argv)
     finally:
@@ -410,6 +432,8 @@ def skip_final_collection() -> None:
 
 
 def _dispatch(argv: list[str] | None) -> None:
+    from .tracking.redact import redact
+
     try:
         cli.main(args=argv, prog_name="grokking-tracked", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -418,7 +442,7 @@ def _dispatch(argv: list[str] | None) -> None:
         click.echo("grokking-tracked: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"grokking-tracked: error: {exc.format_message()}", err=True)
+        click.echo(f"grokking-tracked: error: {redact(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("grokking-tracked: interrupted", err=True)
@@ -429,7 +453,7 @@ def _dispatch(argv: list[str] | None) -> None:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         prefix = "" if user_error else f"{type(exc).__name__}: "
-        click.echo(f"grokking-tracked: error: {prefix}{message}", err=True)
+        click.echo(f"grokking-tracked: error: {prefix}{redact(message)}", err=True)
         sys.exit(1)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -77,6 +78,8 @@ class Domain:
         return f"must be {noun} in {self}, got {value!r}" if too_low or too_high else None
 
 
+MAX_CUDA_INDEX = 10_000  # cuda:N beyond this is a typo (torch.device overflows past 2^63 with a RuntimeError)
+_CUDA_INDEX = re.compile(r"cuda:(0|[1-9]\d{0,3})", re.A)  # ASCII digits only: str.isdigit() also takes '²'
 BIG = 10 ** 9  # step counts beyond this are typos, not experiments
 FIELD_DOMAINS: dict[str, Domain] = {
     "p": Domain(int, 3, 5000), "train_frac": Domain(float, 0, 1, True, True), "data_seed": Domain(int, 0, 2 ** 63 - 1),
@@ -220,9 +223,8 @@ class Config:
              "train_metrics_from_batches needs minibatches (batch_size > 0)")
         need(not EVENTS[self.stop_after].needs_progress or self.progress_every > 0,
              f"stop_after = {self.stop_after} needs the progress measures (progress_every > 0)")
-        need(isinstance(self.device, str) and (self.device in DEVICES or
-                                               (self.device.startswith("cuda:") and self.device[5:].isdigit())),
-             f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} or cuda:N")
+        need(isinstance(self.device, str) and (self.device in DEVICES or _CUDA_INDEX.fullmatch(self.device)),
+             f"unknown device {_shown(self.device)}; choose one of {', '.join(DEVICES)} or cuda:N (N < {MAX_CUDA_INDEX})")
         return self
 
     @property
@@ -256,7 +258,7 @@ class Config:
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown config field(s): {', '.join(k if k.isprintable() and len(k) <= 40 else _shown(k, 40) for k in unknown[:5])}")
         return cls(**{k: coerce(k, v) for k, v in values.items()}).validate()
 
     def replace(self, **overrides: Any) -> "Config":
@@ -277,6 +279,11 @@ def coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} expects a {kind}, got {value!r}")
     if kind == "bool" and not isinstance(value, (bool, str)) and value not in (0, 1):
         raise ConfigError(f"{name} expects true or false, got {value!r}")
+    if kind in ("int", "float") and isinstance(value, str) and (not value.isascii() or "_" in value):
+        # int() and float() also take '٢٣' (Arabic-Indic digits) and '2_0' (digit groups): a value that reads
+        # as another number than it looks, refused as names are (name_problem)
+        raise ConfigError(f"{name} expects a {kind} written with ASCII digits 0-9 and no '_' (e.g. 97, 1e-3), "
+                          f"got {_shown(value)}")
     try:
         if kind == "bool":
             if isinstance(value, str):
@@ -292,8 +299,73 @@ def coerce(name: str, value: Any) -> Any:
         if kind == "float":
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} expects a {kind}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10 ** 400) from a JSON file
+        raise ConfigError(f"{name} expects a {kind}, got {_shown(value)}") from None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to one short line (a value read from a file may be megabytes long)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM; None where unknown."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def loading_memory_bytes(config: Config) -> int:
+    """Memory to build ``config``'s model and evaluate it on every pair (what loading and analysing take): the
+    float32 weights twice (the file's tensors and the model's) plus ``estimated_memory_bytes``'s activations."""
+    weights = 4 * config.parameter_count
+    return config.estimated_memory_bytes() - (4 + (config.grokfast_lambda > 0) + 1) * weights + 2 * weights
+
+
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a config.json is ~1.5 KB; a bigger one is not ours (and is not read whole)
+
+
+def config_file(path, source: str) -> Config:
+    """``stored_config`` of a ``config.json`` file: at most ``MAX_CONFIG_FILE_BYTES``, UTF-8 JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.stat().st_size > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"{source} is {path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_FILE_BYTES:,}")
+    try:
+        values = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
+        raise ConfigError(f"{source} is not JSON: {' '.join(str(exc).split())[:100]}") from None
+    return stored_config(values, source)
+
+
+def stored_config(values: Any, source: str, available: int | None = -1) -> Config:
+    """A config read from a file someone else wrote (a run's or a logged model's ``config.json``, a checkpoint's
+    config), checked as a whole before anything is built from it: a JSON object, of known fields, with in-domain
+    values (``Config.validate``), whose model fits this machine's memory (``available`` bytes; default: its RAM).
+    ``source`` names the file in the one-line ``ConfigError``."""
+    if not isinstance(values, dict):
+        kind = {type(None): "null", bool: "a boolean", str: "a string", list: "a list", int: "a number",
+                float: "a number"}.get(type(values), type(values).__name__)
+        raise ConfigError(f"{source} is {kind}, not an object of config fields")
+    if not all(isinstance(key, str) for key in values):
+        raise ConfigError(f"{source} has a field name that is not a string")
+    try:
+        config = Config.from_dict(values)
+    except (ConfigError, TypeError) as exc:  # TypeError: e.g. a field whose value is an object
+        raise ConfigError(f"{source}: {exc}") from None
+    available = physical_memory_bytes() if available == -1 else available
+    needed = loading_memory_bytes(config)
+    if available is not None and needed > available:
+        raise ConfigError(f"{source} describes a model of {config.parameter_count:,} parameters (p={config.p}, "
+                          f"d_model={config.d_model}, d_mlp={config.d_mlp}, n_layers={config.n_layers}): about "
+                          f"{needed / 2**30:.1f} GiB to load, this machine has {available / 2**30:.1f} GiB")
+    return config
 
 
 MAX_NAME_CHARS = 250

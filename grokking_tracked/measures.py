@@ -2,7 +2,7 @@
 
 ``ProgressMeasures`` precomputes, once and on the model's device, the task's (a, b) grid in group order and
 the Fourier basis; each reading is then one forward pass over the grid, a few small matrix products and ONE
-host sync. The formulas live in ``analysis.fourier`` (one implementation, shared with ``analyze``).
+host sync. The formulas live in ``fourier`` (one implementation, shared with ``analyze``).
 
 Live readings use the key frequencies of the current embedding (a causal choice: the final ones are not
 known yet); ``analyze`` uses the last checkpoint's, as the paper does, so early values of the restricted

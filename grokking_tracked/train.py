@@ -41,9 +41,15 @@ STOP_REASONS = ("generalized", "max_steps", "stopped")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # e.g. an index past int64 ("cuda:99999999999999999999")
+        raise ConfigError(f"device {name!r}: {' '.join(str(exc).split())[:120]}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r} asked for, but this torch build has no MPS support")
     return device

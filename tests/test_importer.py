@@ -190,3 +190,12 @@ def test_other_files_are_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_foreign_run(tmp_path / "junk.pt")
+
+
+def test_a_step_from_a_file_name_is_bounded_like_the_rest(tmp_path):
+    """model_99999999999999999999999.pt once became a run whose step no store could take ("no checkpoints")."""
+    torch.save(hooked_transformer_state(seed=3), tmp_path / "model_99999999999999999999999.pt")
+    with pytest.raises(ForeignRunError, match="step 99,999,999,999,999,999,999,999 .* is not a training step"):
+        load_foreign_run(tmp_path / "model_99999999999999999999999.pt")
+    torch.save(hooked_transformer_state(seed=3), tmp_path / "model_999999999.pt")  # the largest step we take
+    assert [step for step, _ in load_foreign_run(tmp_path / "model_999999999.pt").checkpoints] == [999_999_999]

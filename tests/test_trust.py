@@ -8,8 +8,10 @@ storage reached with a URL that carries a password (the role has that password; 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from mlflow import MlflowClient
@@ -151,8 +153,35 @@ def test_sync_refuses_a_server_that_names_a_local_folder_and_keeps_the_spool(mlf
 
 # ---------------------------------------------------------------------------------------------- no secrets
 def with_password(url: str, user: str, password: str) -> str:
+    """``url`` with ``user:password`` in it, the password percent-encoded only where a URL must (``'``, ``:`` and
+    the sub-delimiters stay raw, as a user types them): what MLflow and SQLAlchemy both decode back."""
     scheme, rest = url.split("://", 1)
-    return f"{scheme}://{user}:{password}@{rest.split('@', 1)[-1]}"
+    return f"{scheme}://{user}:{quote(password, safe=URL_RAW)}@{rest.split('@', 1)[-1]}"
+
+
+URL_RAW = "'!$&()*+,;=:~"
+
+
+def hard_password() -> tuple[str, tuple[str, str]]:
+    """A password holding every character that splits a naive redaction (quotes, ``@``, ``:``, ``/``, ...) between
+    two random markers; a byte that carries either marker carries (part of) the password."""
+    head, tail = uuid.uuid4().hex[:16], uuid.uuid4().hex[:16]
+    return f"P{head}'\"@:/!$&()*+,;=?#% \\{tail}", (head, tail)
+
+
+def files_holding(markers, *roots: Path) -> list[str]:
+    """Every file under ``roots`` whose bytes hold one of ``markers``."""
+    return [str(path) for root in roots for path in Path(root).rglob("*") if path.is_file()
+            and any(marker.encode() in path.read_bytes() for marker in markers)]
+
+
+def server_root(tmp_path_factory) -> Path:
+    """The session MLflow server's folder: its SQLite store and its artifacts (conftest.mlflow_server)."""
+    return next(Path(tmp_path_factory.getbasetemp()).glob("mlflow-server*"))
+
+
+def spool_root() -> Path:
+    return Path(os.environ["GROKKING_TRACKED_SPOOL"])
 
 
 def everything_written(client: MlflowClient, run_id: str, scratch: Path) -> str:
@@ -181,6 +210,35 @@ def test_redact_hides_passwords_in_uris_secret_options_and_assignments():
     assert redact(harmless) == harmless
 
 
+def test_structural_redaction_keeps_what_is_not_a_secret():
+    from grokking_tracked.tracking.redact import redact, redact_argv, without_userinfo
+
+    for harmless in ("sqlite:////tmp/a:b@c/mlflow.db", "file:///x:y@z", "postgresql://postgres@127.0.0.1:5432/db",
+                     "http://127.0.0.1:5000", "mlflow-artifacts:/1/2/artifacts"):
+        assert redact(harmless) == harmless and redact_argv([harmless]) == [harmless]
+    assert redact("postgresql://u:p'w@h:5432/db?sslmode=require&password=x'y") == \
+        "postgresql://u:***@h:5432/db?sslmode=require&password=***"
+    assert without_userinfo("http://u:p'w@h:5000/x?token=abc") == "http://h:5000/x?token=***"
+
+
+@pytest.mark.parametrize("encoded", [True, False], ids=["percent-encoded", "raw"])
+def test_the_command_tag_holds_no_piece_of_a_password_with_quotes(encoded):
+    """Each argv element is redacted before it is shell-quoted: quoting first split a password holding ``'``
+    (``'pa'"'"'ss'``) into pieces no redaction recognised."""
+    from grokking_tracked.tracking.provenance import command_line
+    from grokking_tracked.tracking.redact import redact
+
+    password, markers = hard_password()
+    def uri(base, user):
+        return with_password(base, user, password) if encoded else f"{base.replace('://', f'://{user}:{password}@')}"
+    tracking, storage = uri("http://127.0.0.1:5000", "alice"), uri("postgresql://127.0.0.1:5432/optuna", "bob")
+    argv = ["grokking-tracked", "study", "s.toml", "--tracking-uri", tracking, f"--storage={storage}",
+            "--storage", storage, "--set", f"note={tracking}", "--password", password, f"--api-key={password}"]
+    line = redact(command_line(argv))  # as TrackedRun writes the tag
+    assert not any(marker in line for marker in markers), line
+    assert "--tracking-uri 'http://alice:***@127.0.0.1:5000'" in line and "--password ***" in line.replace("'", "")
+
+
 def test_every_tag_param_and_text_a_tracked_run_writes_is_redacted(mlflow_server, tmp_path):
     from mlflow.entities import Param
 
@@ -201,27 +259,53 @@ def test_every_tag_param_and_text_a_tracked_run_writes_is_redacted(mlflow_server
     assert password not in written
 
 
-def test_no_password_of_the_tracking_uri_lands_in_a_run(mlflow_server, tmp_path):
-    password = f"Pw-{uuid.uuid4().hex}"
+def test_no_password_of_the_tracking_uri_lands_in_a_run(mlflow_server, tmp_path, tmp_path_factory):
+    password, markers = hard_password()
     experiment = f"secret-run-{uuid.uuid4().hex[:8]}"
-    result = run_cli("run", *TASK, "--tracking-uri", with_password(mlflow_server, "alice", password),
+    secret_uri = with_password(mlflow_server, "alice", password)
+    assert "'" in secret_uri  # the character that split the shell-quoted command tag
+    result = run_cli("run", *TASK, "--tracking-uri", secret_uri,
                      "--experiment", experiment, cwd=tmp_path, env=CLIENT_ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     server = MlflowClient(mlflow_server)
     runs = server.search_runs([server.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1
     written = everything_written(server, runs[0].info.run_id, tmp_path / "written")
-    assert "--tracking-uri http://alice:***@" in written  # the command line is kept, its password is not
-    assert password not in written
-    assert password not in result.stdout + result.stderr
-    analyzed = run_cli("analyze", runs[0].info.run_id, "--no-progress", "--tracking-uri",
-                       with_password(mlflow_server, "alice", password), cwd=tmp_path, env=CLIENT_ENV)
+    assert "--tracking-uri 'http://alice:***@" in written  # the command line is kept, its password is not
+    assert not any(marker in written for marker in markers)
+    assert not any(marker in result.stdout + result.stderr for marker in markers)
+    analyzed = run_cli("analyze", runs[0].info.run_id, "--no-progress", f"--tracking-uri={secret_uri}",
+                       cwd=tmp_path, env=CLIENT_ENV)  # the --option=VALUE spelling
     assert analyzed.returncode == 0, analyzed.stderr[-2000:]
     written = everything_written(server, runs[0].info.run_id, tmp_path / "analyzed")
-    assert "analysis.1.provenance" in written and password not in written
+    assert "analysis.1.provenance" in written and "'--tracking-uri=http://alice:***@" in written
+    assert not any(marker in written for marker in markers)
     images = [info.path for info in server.list_artifacts(runs[0].info.run_id, "images")]
     assert images and all(path.startswith("images/") for path in images)  # step images came through the outbox
-    assert password not in analyzed.stdout + analyzed.stderr
+    assert not any(marker in analyzed.stdout + analyzed.stderr for marker in markers)
+    # every byte on disk: the server's store and artifacts, the spool, the working directory
+    assert files_holding(markers, server_root(tmp_path_factory), spool_root(), tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["run --tracking-uri", "study --storage", "study --storage unparsable"])
+def test_no_password_reaches_an_error_line(tmp_path, where):
+    """A server or storage that cannot be reached, or a URL its library cannot parse, whose message quotes it."""
+    password, markers = hard_password()
+    spec = tmp_path / "study.toml"
+    spec.write_text(STUDY.format(name="s", experiment="e"))
+    if where == "run --tracking-uri":
+        args = ["run", *TASK, "--tracking-uri", with_password("http://127.0.0.1:9", "alice", password)]
+    elif where == "study --storage":
+        args = ["study", str(spec), "--workers", "1", "--storage",
+                with_password("postgresql://127.0.0.1:9/db", "bob", password)]
+    else:  # the raw password: SQLAlchemy's parse error quotes the whole URL
+        args = ["study", str(spec), "--workers", "1", "--storage", f"postgresql://bob:{password}@h:x/db"]
+    result = run_cli(*args, cwd=tmp_path, env=CLIENT_ENV, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("grokking-tracked: error:"), result.stderr[-2000:]
+    assert not any(marker in result.stdout + result.stderr for marker in markers), result.stderr
+    assert files_holding(markers, tmp_path) == []
 
 
 @pytest.fixture
@@ -229,12 +313,14 @@ def postgres_url_with_password(postgres_url):
     """``postgres_url``'s database, reached as a role that has a password, with that password in the URL."""
     import psycopg
 
-    role, password = f"gt_secret_{uuid.uuid4().hex[:8]}", f"Pg-{uuid.uuid4().hex}"
+    from psycopg import sql
+
+    role, (password, markers) = f"gt_secret_{uuid.uuid4().hex[:8]}", hard_password()
     database = postgres_url.rsplit("/", 1)[1]
     with psycopg.connect(dbname="postgres", autocommit=True, **PG_DSN) as admin:
-        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
         admin.execute(f'ALTER DATABASE "{database}" OWNER TO {role}')
-    yield f"postgresql://{role}:{password}@{PG_DSN['host']}:{PG_DSN['port']}/{database}", password
+    yield with_password(f"postgresql://{PG_DSN['host']}:{PG_DSN['port']}/{database}", role, password), markers
     with psycopg.connect(dbname="postgres", autocommit=True, **PG_DSN) as admin:
         admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
         admin.execute(f'ALTER DATABASE "{database}" OWNER TO {PG_DSN["user"]}')
@@ -268,11 +354,11 @@ seed = 1
 
 
 def test_no_password_of_the_storage_or_tracking_uri_lands_in_a_study(mlflow_server, postgres_url_with_password,
-                                                                     tmp_path):
+                                                                     tmp_path, tmp_path_factory):
     import psycopg
 
-    storage, storage_password = postgres_url_with_password
-    tracking_password = f"Ml-{uuid.uuid4().hex}"
+    storage, storage_markers = postgres_url_with_password
+    tracking_password, tracking_markers = hard_password()
     name, experiment = f"secret_{uuid.uuid4().hex[:8]}", f"secret-study-{uuid.uuid4().hex[:8]}"
     spec = tmp_path / "study.toml"
     spec.write_text(STUDY.format(name=name, experiment=experiment))
@@ -280,7 +366,7 @@ def test_no_password_of_the_storage_or_tracking_uri_lands_in_a_study(mlflow_serv
                      "--tracking-uri", with_password(mlflow_server, "bob", tracking_password), cwd=tmp_path,
                      env={**CLIENT_ENV, "GROKKING_TORCH_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    secrets = (storage_password, tracking_password)
+    secrets = (*storage_markers, *tracking_markers)
 
     server = MlflowClient(mlflow_server)
     runs = server.search_runs([server.get_experiment_by_name(experiment).experiment_id])
@@ -301,3 +387,5 @@ def test_no_password_of_the_storage_or_tracking_uri_lands_in_a_study(mlflow_serv
     assert "mlflow_run_url" in stored and "mlflow_parent_run_url" in stored  # the links are there...
     assert not any(secret in stored for secret in secrets)  # ...without credentials
     assert not any(secret in result.stdout + result.stderr for secret in secrets)
+    # every byte on disk: the server's store and artifacts, the spool (figures included), the working directory
+    assert files_holding(secrets, server_root(tmp_path_factory), spool_root(), tmp_path) == []

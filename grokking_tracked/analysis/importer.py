@@ -83,6 +83,9 @@ def load_foreign_run(path: str | Path, *, operation: str = "add", train_frac: fl
     if step is None:
         digits = re.findall(r"\d+", path.stem)
         step = int(digits[-1]) if digits else 0
+    if not 0 <= step < BIG:  # bounded like an epoch: MLflow's store takes int64 steps, and no run trains this long
+        raise ForeignRunError(f"{path.name}: step {step:,} (from its name) is not a training step; at most "
+                              f"{BIG - 1:,}: rename the file")
     notes = ["a bare state dict records no task or split: operation, train_frac and data_seed are assumptions"]
     return ImportedRun(config, [(step, _our_checkpoint(payload, config, step, path.name))], str(path),
                        "hooked-transformer", [], notes)

@@ -11,6 +11,8 @@ and run, so a later answer cannot swap it. MLflow's own transfer methods (``log_
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import threading
 from urllib.parse import urlsplit
@@ -21,6 +23,25 @@ from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
 from .redact import redact
 from .store import TrackingError, check_artifact_location
+
+
+# MLflow's own output, off in our transfers unless the user's environment turns it on: its tqdm bars on every
+# artifact download, and the "🏃 View run ... / 🧪 View experiment ..." lines its client prints on stdout when a
+# run on a server ends (both read from the environment at each call).
+QUIET_MLFLOW = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+@contextlib.contextmanager
+def quiet_mlflow(progress: bool = False):
+    """MLflow's progress bars and "View run" lines off in the block (``progress``: leave them as they are); a
+    variable the user set is left alone, the others are removed again afterwards."""
+    added = {} if progress else {key: value for key, value in QUIET_MLFLOW.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 class _CheckedTrackingService(TrackingServiceClient):

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ..checkpoints import CheckpointError, load_checkpoint
-from ..config import Config
+from ..config import Config, ConfigError, config_file
 from ..metrics import EVAL_METRICS
 from .artifacts import checked
 from .names import from_mlflow, is_event_metric
@@ -69,12 +69,12 @@ class RunArtifacts:
         return sorted(found)
 
     def config(self, scratch: str | Path) -> Config:
+        """The run's config.json, checked as a whole (``config.stored_config``) before anything is built from it."""
         path = self.download(CONFIG_ARTIFACT, scratch)
         try:
-            return Config.from_dict(json.loads(path.read_text()))
-        except ValueError as exc:
-            raise TrackingError(f"run {self.run_id} has an unusable {CONFIG_ARTIFACT}: "
-                                f"{str(exc).splitlines()[0]}") from None
+            return config_file(path, f"the {CONFIG_ARTIFACT} of run {self.run_id}")
+        except ConfigError as exc:
+            raise TrackingError(str(exc)) from None
 
     def events(self, scratch: str | Path) -> list[dict] | None:
         """The run's events.json (None if it has none, e.g. an imported run)."""

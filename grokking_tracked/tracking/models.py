@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..config import Config, UserError
+from ..config import Config, ConfigError, UserError, config_file
 from ..detect import model_events
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -91,9 +91,17 @@ def model_id_of(model_uri: str) -> str:
     return model_uri
 
 
-def load_model(model_uri: str, tracking_uri: str | None = None):
+def load_model(model_uri: str, tracking_uri: str | None = None, progress: bool = False):
     """The ``GrokkingTransformer`` of a LoggedModel logged by a run of ours (``models:/m-...`` or ``m-...``), on the
-    CPU, in eval mode. Nothing is unpickled: the weights are read with safetensors, the config from JSON."""
+    CPU, in eval mode. Nothing is unpickled: the weights are read with safetensors, the config from JSON (checked
+    as a whole before the model is built). ``progress``: show MLflow's download bars (off: a quiet call)."""
+    from .artifacts import quiet_mlflow
+
+    with quiet_mlflow(progress):
+        return _load_model(model_uri, tracking_uri)
+
+
+def _load_model(model_uri: str, tracking_uri: str | None):
     from mlflow.exceptions import MlflowException
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -116,8 +124,11 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     with tempfile.TemporaryDirectory(prefix="grokking-model-") as scratch:
         for name in sorted(MODEL_FILES):
             repository.download_artifacts(name, scratch)
+        try:  # the config first, as a whole: a model is built only from one that is ours and fits in memory
+            config = config_file(Path(scratch) / CONFIG_FILE, f"the {CONFIG_FILE} of logged model {model_id}")
+        except ConfigError as exc:
+            raise ModelError(f"{exc}; refusing to load it") from None
         try:
-            config = Config.from_dict(json.loads((Path(scratch) / CONFIG_FILE).read_text()))
             state = load_file(Path(scratch) / MODEL_FILE)
         except (SafetensorError, ValueError, OSError) as exc:
             raise ModelError(f"logged model {model_id}: {MODEL_FILE} is not a safetensors file of ours "

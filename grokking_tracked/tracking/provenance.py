@@ -3,8 +3,8 @@
 - Context tags resolved the way MLflow's fluent API resolves them (``mlflow.user``, ``mlflow.source.name``,
   ``mlflow.source.type``, ``mlflow.source.git.commit`` when run from a checkout, ...): ``MlflowClient.create_run``
   adds none of them by itself.
-- Versions of the packages that decide the numbers, the device, torch's threads and the command line (secrets
-  redacted where runs.TrackedRun writes it: ``redact.py``).
+- Versions of the packages that decide the numbers, the device, torch's threads and the command line (its
+  secrets redacted element by element, ``redact.redact_argv``).
 - The dataset as MLflow inputs (the UI's Dataset column): the split's name and a digest of the actual train and
   test examples, with the contexts ``training`` and ``evaluation``.
 """
@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from ..config import Config
 from ..train import TrainResult
+from .redact import redact_argv
 
 VERSION_PACKAGES = ("grokking-tracked", "torch", "transformer-lens", "mlflow", "optuna", "optuna-dashboard")
 VERSION_TAG = "grokking_tracked.versions"
@@ -45,9 +46,10 @@ def versions() -> dict[str, str]:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed; its secrets are redacted where it is written (every tag a ``TrackedRun`` sends)."""
+    """The command as typed, each element's secrets redacted before it is quoted (quoting first would split a
+    password holding a ``'`` into pieces no redaction recognises)."""
     argv = sys.argv if argv is None else argv
-    return " ".join(shlex.quote(part) for part in ["grokking-tracked", *argv[1:]]) if argv else ""
+    return " ".join(shlex.quote(part) for part in ["grokking-tracked", *redact_argv(argv[1:])]) if argv else ""
 
 
 def context_tags(argv: list[str] | None = None) -> dict[str, str]:

@@ -680,6 +680,10 @@ class Outbox:
             line = f"run {self.run_id}: {message}"
         elif entry.get("op") == "unreadable":  # a local fault: the server was never asked
             line = f"spool entry {seq:010d}.json of run {self.run_id} is unreadable ({message}); set aside in {failed}"
+        elif isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+            # a local file we could not read: no server was asked (a requests error is an OSError, not these)
+            line = (f"{_describe(entry)} of run {self.run_id} was not sent: its local copy cannot be read "
+                    f"({message}); set aside in {failed}")
         else:
             why = f"after {tries} refusals while it answered other requests; " if tries else ""
             line = (f"the tracking server refused {_describe(entry)} of run {self.run_id} ({why}{message}); "
