@@ -23,7 +23,7 @@ CORE = {"config", "data", "model", "train", "detect", "measures", "measure_regis
 TORCH_CORE = {"model", "train", "measures", "checkpoints", "fourier", "metrics", "optim", "fastpath", "lockstep",
               "data"}
 # tracking modules that must not need torch: the run life cycle, durable delivery, the trust boundary, names
-TORCH_FREE_TRACKING = {"runs", "store", "artifacts", "redact", "names", "delivery", "delivery.outbox", "delivery.spool",
+TORCH_FREE_TRACKING = {"runs", "store", "artifacts", "errors", "redact", "names", "delivery", "delivery.outbox", "delivery.spool",
                        "delivery.lease", "delivery.outage"}
 
 
@@ -119,8 +119,6 @@ def test_no_import_circle_at_import_time():
     assert circles(top_only=True) == []
 
 
-@pytest.mark.xfail(strict=True, reason="tracking/store.py <-> tracking/artifacts.py import each other inside "
-                   "functions: issue 28 item 4 (the tracking split) removes it; then drop this mark")
 def test_no_import_circle_even_inside_functions():
     assert circles(top_only=False) == []
 

@@ -4,7 +4,7 @@ MLflow's client finds a run's artifact repository by asking the server (``get_ru
 caches it process-wide; whatever that answer names is where files go, ``file:///anywhere`` included. So a server
 that answered truthfully when the run was created could still choose where on this machine we write. Here every
 repository any of our clients uses is made by ``CheckedClient.artifact_repository``: the location is checked
-(``store.check_artifact_location``) before the repository exists, and the checked repository is kept per client
+(``check_artifact_location``, below) before the repository exists, and the checked repository is kept per client
 and run, so a later answer cannot swap it. MLflow's own transfer methods (``log_artifact``, ``log_image``,
 ``list_artifacts``, ``download_artifacts``: what the outbox, ``sync``, ``analyze`` and imports use) go through it.
 """
@@ -22,7 +22,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
 from .redact import redact
-from .store import TrackingError, check_artifact_location
+from .errors import TrackingError
 
 
 # MLflow's own output, off in our transfers unless the user's environment turns it on: its tqdm bars on every
@@ -111,3 +111,25 @@ def checked(client: MlflowClient) -> CheckedClient:
 def artifact_repository(client: MlflowClient, run_id: str):
     """The checked artifact repository of ``run_id`` (TrackingError if its location is refused)."""
     return checked(client).artifact_repository(run_id)
+
+
+TRUST_LOCAL_ARTIFACTS_ENV = "GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS"
+# Where a remote server may put a run's artifacts: its own proxy (mlflow-artifacts:) or object stores and
+# hosts elsewhere. Not here: file: and bare paths (this machine), runs:/ and models:/ (indirect: they resolve,
+# through the server again, to any location, file: included) and dbfs: (a local FUSE path on some hosts).
+REMOTE_ARTIFACT_SCHEMES = frozenset({"mlflow-artifacts", "http", "https", "s3", "r2", "b2", "gs", "wasbs", "abfss",
+                                     "ftp", "sftp", "hdfs", "viewfs"})
+
+
+def check_artifact_location(tracking_uri: str, artifact_uri: str, run_id: str) -> None:
+    """Refuse an artifact location named by a remote tracking server that would let it choose where on this
+    machine we read and write: ``file:``, a bare path, or an indirect scheme (``runs:/``, ``models:/``); anything
+    but ``REMOTE_ARTIFACT_SCHEMES``. ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` accepts it (a shared
+    filesystem on purpose). A local store's own locations are its business: they are not checked."""
+    scheme = urlsplit(artifact_uri).scheme.lower()
+    remote_server = urlsplit(tracking_uri).scheme in ("http", "https")  # store.is_remote, without importing it
+    if remote_server and scheme not in REMOTE_ARTIFACT_SCHEMES and os.environ.get(TRUST_LOCAL_ARTIFACTS_ENV) != "1":
+        where = "a local path" if scheme in ("", "file") or len(scheme) == 1 else f"a {scheme}: location"
+        raise TrackingError(f"the tracking server puts run {run_id}'s artifacts at {where} ({artifact_uri}); "
+                            f"refusing to read or write there (a server with proxied artifacts, mlflow-artifacts:/, "
+                            f"or {TRUST_LOCAL_ARTIFACTS_ENV}=1 for a shared filesystem)")

@@ -33,7 +33,8 @@ from .delivery.outbox import BACKOFF_MAX_S, BACKOFF_START_S, TERMINATE_WAIT_SECO
 from .provenance import context_tags, dataset_inputs, default_run_name
 from .redact import redact, redact_values, without_userinfo
 from .delivery.spool import SpoolDelivery, run_spool_dir, spool_root_for, spooled_entries, writer_dirs
-from .store import TrackingError, check_artifact_location, ensure_experiment, get_run
+from .artifacts import check_artifact_location
+from .store import TrackingError, ensure_experiment, get_run
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -98,7 +99,7 @@ def deliver_leftovers(client: MlflowClient, timeout: float, echo: Callable[[str]
     ended while the server was away, processes that were killed); returns the ``SpoolDelivery`` report (``report``:
     added to, so another thread can read how far it got).
 
-    A run whose artifact location the server names where we must not write (``store.check_artifact_location``)
+    A run whose artifact location the server names where we must not write (``artifacts.check_artifact_location``)
     gets nothing delivered: its spool stays, it is ended FAILED unless a live process still writes it, and the
     refusal is the report's first failure. A run the server does not answer for (away, stalling) until ``timeout``
     keeps its spool, counted pending."""

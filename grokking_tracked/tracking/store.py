@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-from ..config import UserError
+from .errors import TrackingError  # noqa: F401 - re-exported: every tracking module's error
 from .redact import redact, without_userinfo
 
 if TYPE_CHECKING:
@@ -34,13 +33,9 @@ EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows and edits
 EXPERIMENT_DESCRIPTION = ("Grokking experiments (grokking-tracked): each run trains a small transformer on modular "
                           "arithmetic; metrics are step-indexed, detection events are in events.json and the "
-                          "*_step metrics, checkpoints and figures are artifacts.")
+                          "steps_to/<event> metrics, checkpoints and figures are artifacts.")
 HEALTH_TIMEOUT_SECONDS = 5
-TRUST_LOCAL_ARTIFACTS_ENV = "GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS"
 
-
-class TrackingError(UserError, RuntimeError):
-    """A user-facing tracking problem (unreachable server, unknown run, missing artifact); one line."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -177,25 +172,6 @@ def quote_filter_value(value: str) -> str:
         return f'"{value}"'
     raise TrackingError(f"{value!r} contains both quote characters: MLflow cannot search for it; rename it")
 
-
-# Where a remote server may put a run's artifacts: its own proxy (mlflow-artifacts:) or object stores and
-# hosts elsewhere. Not here: file: and bare paths (this machine), runs:/ and models:/ (indirect: they resolve,
-# through the server again, to any location, file: included) and dbfs: (a local FUSE path on some hosts).
-REMOTE_ARTIFACT_SCHEMES = frozenset({"mlflow-artifacts", "http", "https", "s3", "r2", "b2", "gs", "wasbs", "abfss",
-                                     "ftp", "sftp", "hdfs", "viewfs"})
-
-
-def check_artifact_location(tracking_uri: str, artifact_uri: str, run_id: str) -> None:
-    """Refuse an artifact location named by a remote tracking server that would let it choose where on this
-    machine we read and write: ``file:``, a bare path, or an indirect scheme (``runs:/``, ``models:/``); anything
-    but ``REMOTE_ARTIFACT_SCHEMES``. ``$GROKKING_TRACKED_TRUST_LOCAL_ARTIFACTS=1`` accepts it (a shared
-    filesystem on purpose). A local store's own locations are its business: they are not checked."""
-    scheme = urlsplit(artifact_uri).scheme.lower()
-    if is_remote(tracking_uri) and scheme not in REMOTE_ARTIFACT_SCHEMES and os.environ.get(TRUST_LOCAL_ARTIFACTS_ENV) != "1":
-        where = "a local path" if scheme in ("", "file") or len(scheme) == 1 else f"a {scheme}: location"
-        raise TrackingError(f"the tracking server puts run {run_id}'s artifacts at {where} ({artifact_uri}); "
-                            f"refusing to read or write there (a server with proxied artifacts, mlflow-artifacts:/, "
-                            f"or {TRUST_LOCAL_ARTIFACTS_ENV}=1 for a shared filesystem)")
 
 if __name__ == "__main__":  # the process start_creating() starts: open (so create) the store, then exit
     connect(sys.argv[1])
