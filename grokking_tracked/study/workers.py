@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from ..tracking.redact import redact
+from ..tracking.redact import password_of, redact, remember
 from ..tracking.runs import KILLED, ROLE_TAG, TrackedRun
 from ..tracking.drawer import FigureDrawer
 from ..train import THREADS_ENV, available_cores, check_runnable
@@ -201,11 +201,13 @@ def worker_main(settings: StudySettings) -> None:
     if settings.visible_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.visible_device  # before the first CUDA call
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for uri in (settings.storage, settings.tracking_uri):  # as cli.main does: a library's message may quote them
+        remember(password_of(uri))
     try:
         optimize(settings, echo=lambda line: print(line, flush=True))
     except (StudyError, KeyboardInterrupt, SystemExit) as exc:
         if str(exc):
-            print(f"grokking-tracked worker {os.getpid()}: {exc}", flush=True)
+            print(f"grokking-tracked worker {os.getpid()}: {redact(str(exc))}", flush=True)
         raise SystemExit(1)
     finally:
         gc.freeze()  # as cli.skip_final_collection: the exit's collections would walk every live object (1-3 s)
