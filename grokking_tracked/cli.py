@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from .config import DEVICES, LR_SCHEDULES, OPERATIONS, PRESETS, STOP_EVENTS, WD_SCHEDULES, ConfigError, UserError
+from .messages import short_error
 
 # MLflow's client settings for a command-line process (read from the environment by MLflow; set before it is
 # imported). MLflow retries 7 times with exponential back-off by default: minutes before an error, and minutes
@@ -451,7 +452,7 @@ def _dispatch(argv: list[str] | None) -> None:
         user_error = isinstance(exc, UserError)
         if not user_error and os.environ.get("GROKKING_TRACKED_DEBUG"):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = short_error(exc)
         prefix = "" if user_error else f"{type(exc).__name__}: "
         click.echo(f"grokking-tracked: error: {prefix}{redact(message)}", err=True)
         sys.exit(1)

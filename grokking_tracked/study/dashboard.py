@@ -10,6 +10,7 @@ import optuna
 
 from .spec import StudyError, StudySpec
 from ..tracking.redact import redact, without_userinfo
+from ..messages import short_error
 
 # Study user attrs (shown by optuna-dashboard, read by anyone with the storage).
 PARENT_RUN_URL_ATTR = "mlflow_parent_run_url"
@@ -142,6 +143,6 @@ def serve_dashboard(storage_url: str, port: int, echo=print) -> None:
             warnings.simplefilter("ignore")
             rdb = optuna.storages.RDBStorage(storage_url)
     except Exception as exc:  # noqa: BLE001 - driver errors of every kind become one line
-        raise StudyError(f"cannot open the Optuna storage {redact(storage_url)}: {str(exc).splitlines()[0]}") from None
+        raise StudyError(f"cannot open the Optuna storage {redact(storage_url)}: {short_error(exc)}") from None
     echo(f"optuna-dashboard on http://127.0.0.1:{port} over {redact(storage_url)}")
     optuna_dashboard.run_server(rdb, host="127.0.0.1", port=port)

@@ -18,6 +18,7 @@ from .spec import StudyError, StudySpec
 from .storage import grid_queue_empty, heartbeat, room_for_trials
 from .trial import (FAIL_REASON_ATTR, PHASE_TAG, PruningCallback, StudyContext, SurplusTrial, TrialRun, phase_of,
                     skip_grid_duplicate, trial_config, trial_value)
+from ..messages import short_error
 
 MAX_CONSECUTIVE_FAILED_BATCHES = 3
 
@@ -127,7 +128,7 @@ def optimize_lockstep(study: optuna.Study, context: StudyContext, k: int, n_tria
                 failed_batches += 1
                 if failed_batches >= MAX_CONSECUTIVE_FAILED_BATCHES:
                     raise StudyError(f"{failed_batches} lockstep batches in a row failed; stopping "
-                                     f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                                     f"({type(error).__name__}: {short_error(error)})"
                                      ) from error
                 continue
         failed_batches = 0

@@ -18,6 +18,7 @@ from ..tracking.store import quote_filter_value
 from .spec import StudySpec
 from .storage import sweep_stale_trials
 from .trial import RUN_ID_ATTR
+from ..messages import short_error
 
 BEST_TRIAL_TAG = "optuna.best_trial_number"
 BEST_PARAMS_TAG = "optuna.best_params"
@@ -92,7 +93,7 @@ def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, compl
                     result = make()
         except Exception as exc:  # noqa: BLE001 - e.g. importances need >= 2 completed trials with varying params
             parent.set_tags({FIGURE_SKIPPED_TAG.format(name=name):
-                             str(exc).splitlines()[0][:250] if str(exc) else type(exc).__name__})
+                             short_error(exc, 250)})
             return
         figure = plots.optuna_figure(result) if from_optuna else result
         try:  # drawn lazily: e.g. a log axis with no positive data fails only when saved
@@ -104,7 +105,7 @@ def _log_figures(study: optuna.Study, spec: StudySpec, parent: TrackedRun, compl
             else:
                 parent.log_figure(plots.redacted(figure), f"figures/{name}.png")
         except ValueError as exc:
-            parent.set_tags({FIGURE_SKIPPED_TAG.format(name=name): str(exc).splitlines()[0][:250]})
+            parent.set_tags({FIGURE_SKIPPED_TAG.format(name=name): short_error(exc, 250)})
 
     multi = len(spec.directions) > 1
     names = [p.name for p in spec.params]

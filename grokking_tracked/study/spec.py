@@ -20,6 +20,7 @@ import optuna
 
 from ..config import PRESETS, Config, ConfigError, UserError, name_problem, preset
 from . import objectives
+from ..messages import first_line, short_error
 
 PRUNE_METRICS = ("test_loss", "test_error")  # test_error = 1 - test_acc (minimised like the objective)
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
@@ -335,7 +336,7 @@ def _dry_run(spec: StudySpec, fail) -> None:
                 optuna.logging.enable_default_handler()
     except Exception as exc:  # noqa: BLE001 - whatever the arguments break, one line
         fail(f"sampler {spec.sampler!r} / pruner {spec.pruner!r} arguments do not work: "
-             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+             f"{type(exc).__name__}: {first_line(exc)}")
 
 
 def _parse_param(name: str, body: Any, base: Config, fail) -> Param:
@@ -407,10 +408,10 @@ def make_sampler(spec: StudySpec, salt: str | None = None) -> optuna.samplers.Ba
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return cls(**args)
     except (TypeError, ValueError) as exc:
-        raise StudyError(f"{Path(spec.path).name}: sampler {spec.sampler}: {str(exc).splitlines()[0]}") from None
+        raise StudyError(f"{Path(spec.path).name}: sampler {spec.sampler}: {short_error(exc)}") from None
     except ImportError as exc:
         raise StudyError(f"sampler {spec.sampler} needs a package that is not installed: "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{short_error(exc)}") from None
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -428,5 +429,5 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             return GrokkingPruner(**args)
         return getattr(optuna.pruners, PRUNERS[spec.pruner])(**args)
     except (TypeError, ValueError) as exc:
-        raise StudyError(f"{Path(spec.path).name}: pruner {spec.pruner}: {str(exc).splitlines()[0]}") from None
+        raise StudyError(f"{Path(spec.path).name}: pruner {spec.pruner}: {short_error(exc)}") from None
 

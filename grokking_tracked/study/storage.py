@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..tracking.redact import redact
 from ..tracking.store import EMBEDDED_STORE_DIR, local_store_dir
 from .spec import StudyError, StudySpec, make_pruner, make_sampler
+from ..messages import short_error
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_STORAGE_FILE = "optuna.db"  # beside the embedded MLflow store's database
@@ -64,7 +65,7 @@ def open_storage(url: str, spec: StudySpec,
                 # second attempt finds the tables and creates nothing (seen with 4 simultaneous `study` commands).
                 time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
                 continue
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = short_error(exc)
             raise StudyError(f"cannot open the Optuna storage {redact(url)}: {message}") from None
     raise AssertionError("unreachable")
 
@@ -102,7 +103,7 @@ def create_or_load_study(spec: StudySpec, storage, study_name: str, salt: str | 
             study = optuna.create_study(sampler=sampler(), load_if_exists=True, **options)
             created = False
     except ValueError as exc:  # e.g. the stored study has other directions
-        raise StudyError(f"study {study_name!r}: {redact(str(exc).splitlines()[0])}") from None
+        raise StudyError(f"study {study_name!r}: {redact(short_error(exc))}") from None
     if not created:
         check_search_space(spec, study)
     if spec.sampler == "grid" and queue:
@@ -123,7 +124,7 @@ def check_search_space(spec: StudySpec, study: optuna.Study) -> None:
                 except ValueError as exc:
                     raise StudyError(
                         f"study {study.study_name!r} exists with another search space for {name} ({stored} in trial "
-                        f"{trial.number}; the spec has {wanted[name]}): {str(exc).splitlines()[0]}; give the study "
+                        f"{trial.number}; the spec has {wanted[name]}): {short_error(exc)}; give the study "
                         f"another name (--study-name)") from None
 
 

@@ -37,6 +37,7 @@ from .storage import (count_finished, create_or_load_study, default_storage, gri
                       open_storage, room_for_trials, sweep_stale_trials)
 from .trial import (FAIL_REASON_ATTR, STUDY_NAME_TAG, WORKER_ATTR, Objective, StudyContext,
                     close_stale_trial_run)
+from ..messages import first_line
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's parent run, found again by every worker
 STUDY_ROLE = "study"
@@ -131,7 +132,7 @@ class TrialLine:
         outcome = (f"value {', '.join(f'{v:g}' for v in trial.values)}" if trial.state == TrialState.COMPLETE
                    else trial.state.name)
         if trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_REASON_ATTR):  # why, in one line
-            outcome += f": {str(trial.user_attrs[FAIL_REASON_ATTR]).strip().splitlines()[0][:200]}"
+            outcome += f": {first_line(trial.user_attrs[FAIL_REASON_ATTR], 200)}"
         run_id = trial.user_attrs.get("mlflow_run_id", "-")
         self.echo(f"trial {trial.number}: {outcome} (MLflow run {run_id})")
 
@@ -176,7 +177,7 @@ def optimize(settings: StudySettings, client=None, echo=print, drawer: FigureDra
         reason = failed[-1].user_attrs.get("fail_reason") or failed[-1].system_attrs.get("fail_reason", "") \
             if failed else ""
         raise StudyError(f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed; stopping "
-                         f"({reason.splitlines()[0] if reason else 'see the FAILED runs in MLflow'})")
+                         f"({first_line(reason) or 'see the FAILED runs in MLflow'})")
 
 
 def finish_background(drawer: FigureDrawer) -> None:
@@ -338,7 +339,7 @@ def check_some_trial_trained(study: optuna.Study, before: dict) -> None:
     if failed and len(failed) == len(ended):
         last = failed[-1]
         reason = str(last.user_attrs.get(FAIL_REASON_ATTR) or last.system_attrs.get("fail_reason") or "")
-        reason = reason.strip().splitlines()[0] if reason.strip() else "see the FAILED runs in MLflow"
+        reason = first_line(reason) or "see the FAILED runs in MLflow"
         raise StudyError(f"every trial failed ({len(failed)} of {len(ended)}); trial {last.number}: {redact(reason)}")
 
 

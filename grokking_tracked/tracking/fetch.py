@@ -29,6 +29,7 @@ from .names import from_mlflow, is_event_metric
 from .runs import CONFIG_ARTIFACT, EVENTS_ARTIFACT
 from .store import TrackingError, get_run
 from .tracker import CHECKPOINT_DIR
+from ..messages import short_error
 
 _CHECKPOINT_NAME = re.compile(r"step_(\d{1,12})\.pt")
 
@@ -46,14 +47,14 @@ class RunArtifacts:
             return self.repository.list_artifacts(path)
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"cannot list {path or 'the artifacts'} of run {self.run_id}: "
-                                f"{str(exc).splitlines()[0]}") from None
+                                f"{short_error(exc)}") from None
 
     def download(self, path: str, destination: str | Path) -> Path:
         Path(destination).mkdir(parents=True, exist_ok=True)
         try:
             return Path(self.repository.download_artifacts(path, str(destination)))
         except (MlflowException, OSError) as exc:
-            raise TrackingError(f"cannot download {path!r} of run {self.run_id}: {str(exc).splitlines()[0]}") from None
+            raise TrackingError(f"cannot download {path!r} of run {self.run_id}: {short_error(exc)}") from None
 
     def checkpoints(self, warn=None) -> list[tuple[int, str]]:
         """(step, artifact path) of every checkpoint, by step; other files are skipped with a warning."""

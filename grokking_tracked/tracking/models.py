@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from ..config import Config, ConfigError, UserError, config_file
 from ..detect import model_events
+from ..messages import short_error
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MODEL_FILES = {MODEL_FILE, CONFIG_FILE}
@@ -113,9 +114,9 @@ def _load_model(model_uri: str, tracking_uri: str | None):
     client = connect(tracking_uri)
     model_id = model_id_of(model_uri)
     try:
-        logged = client.get_logged_model(model_id)
+        client.get_logged_model(model_id)  # its existence: a clear line before any transfer
     except MlflowException as exc:
-        raise ModelError(f"no logged model {model_id}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"no logged model {model_id}: {short_error(exc)}") from None
     repository = checked(client).artifact_repository(model_id, "logged_model")  # its location checked as a run's
     names = {info.path.rsplit("/", 1)[-1] for info in repository.list_artifacts()}
     if names != MODEL_FILES:
@@ -137,5 +138,5 @@ def _load_model(model_uri: str, tracking_uri: str | None):
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelError(f"logged model {model_id} does not fit its config: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"logged model {model_id} does not fit its config: {short_error(exc)}") from None
     return model.eval()

@@ -35,6 +35,7 @@ from .redact import redact, redact_values, without_userinfo
 from .delivery.spool import SpoolDelivery, run_spool_dir, spool_root_for, spooled_entries, writer_dirs
 from .artifacts import check_artifact_location
 from .store import TrackingError, ensure_experiment, get_run
+from ..messages import short_error
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -70,8 +71,6 @@ MISSING_FILES_TAG = "grokking_tracked.missing.{path}"  # files a run lacks, and 
 _BACKGROUND: list[threading.Thread] = []  # runs finishing in the background (TrackedRun.end(background=True))
 
 
-def short_error(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def status_for(error: BaseException | None) -> str:

@@ -16,6 +16,7 @@ import re
 import requests
 import urllib3
 from mlflow.exceptions import MlflowException, RestException
+from ...messages import first_line
 
 
 OUTAGE, SUSPECT, REFUSED = "outage", "suspect", "refused"
@@ -98,5 +99,4 @@ def short_reason(exc: BaseException) -> str:
     for pattern, label in _REASONS:
         if match := pattern.search(text):
             return match.expand(label)
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first[:120]}"
+    return f"{type(exc).__name__}: {first_line(text, 120)}"

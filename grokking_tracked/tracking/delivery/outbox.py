@@ -57,6 +57,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from .outage import OUTAGE, REFUSED, SUSPECT, classify, from_mlflow, short_reason
 from .spool import (ENTRY_NAME, SpoolDelivery, SpoolUnusable, Busy, lock_writer_dir, new_writer_dir, run_spool_dir,
                     spool_root_for, write_atomically, writer_dirs)
+from ...messages import short_error
 
 __all__ = ["Outbox", "OutboxClosed", "SpoolDelivery", "deliver_spool", "spool_root_for", "run_spool_dir"]
 
@@ -675,7 +676,7 @@ class Outbox:
         """Set an entry aside in failed/ with one line (``tries``: a poison entry; ``kept``: a held status)."""
         failed = self._dir / "failed"
         failed.mkdir(exist_ok=True)
-        message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        message = short_error(exc, 300)
         if kept:
             line = f"run {self.run_id}: {message}"
         elif entry.get("op") == "unreadable":  # a local fault: the server was never asked
