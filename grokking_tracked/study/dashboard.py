@@ -9,7 +9,7 @@ import warnings
 import optuna
 
 from .spec import StudyError, StudySpec
-from ..tracking.redact import redact, without_userinfo
+from ..tracking.redact import redact
 from ..messages import short_error
 
 # Study user attrs (shown by optuna-dashboard, read by anyone with the storage).
@@ -26,20 +26,11 @@ def metric_names(spec: StudySpec) -> list[str]:
     return list(spec.target.metric_names)
 
 
-def ui_base(tracking_uri: str) -> str:
-    """Where the MLflow UI of this store is: the tracking server itself, or ``grokking-tracked ui`` for a local
-    store."""
-    from ..tracking.experiment import LOCAL_UI
-    from ..tracking.store import is_remote
-
-    return without_userinfo(tracking_uri) if is_remote(tracking_uri) else LOCAL_UI  # a link: no credentials
-
-
 def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI of this store."""
-    # MLflow 3.17 shows a run page in the GenAI view unless the link asks for the model-training one
-    view = "workflowType=machine_learning"
-    return f"{ui_base(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{view}"
+    """The run's page in the MLflow UI of this store (model-training view)."""
+    from ..tracking.store import ui_base, ui_link
+
+    return ui_link(ui_base(tracking_uri), experiment_id, run_id=run_id)
 
 
 def link_trial_run(trial: optuna.Trial, tracking_uri: str, experiment_id: str, run_id: str, notes=None) -> None:

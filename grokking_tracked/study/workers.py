@@ -27,9 +27,9 @@ from ..tracking.redact import password_of, redact, remember
 from ..tracking.runs import KILLED, ROLE_TAG, TrackedRun
 from ..tracking.drawer import FigureDrawer
 from ..train import THREADS_ENV, available_cores, check_runnable
-from ..tracking.experiment import LOCAL_UI
-from ..tracking.store import connect, is_remote, quote_filter_value, resolve_tracking_uri, runs_view_url
-from .dashboard import DashboardNotes, annotate_study, run_page_url, ui_base
+from ..tracking.store import (LOCAL_UI, connect, is_remote, quote_filter_value, resolve_tracking_uri,
+                                      runs_view_url, ui_base)
+from .dashboard import DashboardNotes, annotate_study, run_page_url
 from .lockstep import check_lockstep_spec, optimize_lockstep
 from .report import finalize
 from .spec import StudyError, StudySpec, load_spec

@@ -14,14 +14,12 @@ from ..config import Config
 from ..train import Callback, Trainer, TrainResult, check_runnable, default_threads
 from .fetch import RunArtifacts, complete_steps, fetch_history
 from .provenance import command_line, versions
-from .redact import without_userinfo
 from .runs import CONFIG_ARTIFACT, TrackedRun, check_reopenable
-from .store import DEFAULT_EXPERIMENT, TrackingError, connect, is_remote
+from .store import DEFAULT_EXPERIMENT, LOCAL_UI, TrackingError, connect, ui_base, ui_link
 from .tracker import MlflowTracker
 
 IMPORTED_TAG = "grokking_tracked.imported_from"  # tracking/importing.py sets it
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where `grokking-tracked ui` serves a local store
 
 RESUMED_MAX_STEPS_TAG = "resumed_max_steps"
 RESUME_TAG = "grokking_tracked.resume.{number}"
@@ -67,17 +65,16 @@ class ExperimentResult:
     def runs_url(self, ui: str = LOCAL_UI) -> str:
         """The link that opens this run's experiment in MLflow's model-training runs view: on the tracking
         server itself, or on ``grokking-tracked ui`` (``ui``) for a local store."""
-        base = without_userinfo(self.tracking_uri) if is_remote(self.tracking_uri) else ui
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        return ui_link(ui_base(self.tracking_uri, ui), self.experiment_id)
 
     def models_url(self, ui: str = LOCAL_UI) -> str:
         """The experiment's Models tab (its LoggedModels: the event and final checkpoints) in the model-training
         view; without ``workflowType`` MLflow 3.17 lists them as GenAI "Agent versions"."""
-        return self.runs_url(ui).replace("/runs?workflowType=", "/models?workflowType=")
+        return ui_link(ui_base(self.tracking_uri, ui), self.experiment_id, page="models")
 
     def run_url(self, ui: str = LOCAL_UI) -> str:
         """This run's page in the model-training view."""
-        return self.runs_url(ui).replace("/runs?workflowType=", f"/runs/{self.run_id}?workflowType=")
+        return ui_link(ui_base(self.tracking_uri, ui), self.experiment_id, run_id=self.run_id)
 
     @property
     def history(self) -> list[tuple[int, dict]]:

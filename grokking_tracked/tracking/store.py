@@ -154,13 +154,29 @@ def get_run(client: MlflowClient, run_id: str):
         raise TrackingError(f"no MLflow run with id {run_id!r} at {redact(client.tracking_uri)}") from None
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `grokking-tracked ui` serves a local store
+
+
+def ui_base(tracking_uri: str, local_ui: str = LOCAL_UI) -> str:
+    """Where the MLflow UI of this store is: the tracking server itself (without credentials), or ``local_ui``
+    (``grokking-tracked ui``) for a local store."""
+    return without_userinfo(tracking_uri) if is_remote(tracking_uri) else local_ui
+
+
+def ui_link(base: str, experiment_id: str, run_id: str | None = None, page: str = "runs") -> str:
+    """The one place our MLflow UI links are made: an experiment's runs view (``page="runs"``), its Models tab
+    (``page="models"``) or one run's page (``run_id``), always in the model-training view. MLflow 3.17 decides
+    GenAI vs model training from the link's ``workflowType`` (else from the browser's stored choice, GenAI by
+    default): ``#/experiments/N`` alone lands on the GenAI overview and lists LoggedModels as "Agent versions"."""
+    path = f"runs/{run_id}" if run_id else page
+    return f"{without_userinfo(base).rstrip('/')}/#/experiments/{experiment_id}/{path}?workflowType=machine_learning"
+
+
 def runs_view_url(client: MlflowClient, experiment_id: str, base_url: str | None = None) -> str | None:
-    """The link that opens an experiment's runs in MLflow 3.17's model-training view (``#/experiments/N`` alone
-    lands on the GenAI overview). ``base_url``: where the UI is served (default: the tracking server itself)."""
+    """The link that opens an experiment's runs in the model-training view. ``base_url``: where the UI is
+    served (default: the tracking server itself; None for a local store without one)."""
     base = base_url or (client.tracking_uri if is_remote(client.tracking_uri) else None)
-    if base is None:
-        return None
-    return f"{without_userinfo(base).rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return None if base is None else ui_link(base, experiment_id)
 
 
 def quote_filter_value(value: str) -> str:
