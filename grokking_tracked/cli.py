@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -320,15 +319,15 @@ def compare(run_ids: tuple[str, ...], experiment: str | None, group_by: str | No
 @tracking_uri_option
 def ui(host: str, port: int, tracking_uri: str | None) -> None:
     """Serve the MLflow UI over the project's store (and print the links to each experiment's runs)."""
-    from .tracking.store import is_remote, local_store_dir, resolve_tracking_uri, runs_view_url
+    from .tracking.store import is_remote, local_database, resolve_tracking_uri, runs_view_url
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_remote(uri):
         from .tracking.redact import without_userinfo
 
         raise UserError(f"{without_userinfo(uri)} is a tracking server already: open it in a browser")
-    store = local_store_dir(uri)
-    if store is None or not Path(uri[len("sqlite:///"):]).exists():
+    database = local_database(uri)
+    if database is None or not database.exists():
         raise UserError(f"no MLflow store at {uri} yet: run an experiment first")
     from mlflow import MlflowClient
 
@@ -340,7 +339,7 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
     # The venv's own MLflow (the first `mlflow` on PATH may be another one, or none); one worker and no job
     # runner: a UI for one person (MLflow's defaults start 4 workers and a job queue, ~14 processes).
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-               "--port", str(port), "--default-artifact-root", str(store / "artifacts"), "--workers", "1"]
+               "--port", str(port), "--default-artifact-root", str(database.parent / "artifacts"), "--workers", "1"]
     environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                    "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"}
     click.echo(f"MLflow UI on {base} over {uri}", err=True)

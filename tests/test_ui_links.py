@@ -20,3 +20,16 @@ def test_no_other_module_builds_a_ui_link():
     builders = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                 if "#/experiments/" in path.read_text() and path.name != "store.py"]
     assert builders == []
+
+
+def test_sqlite_paths_are_parsed_once_by_sqlalchemy():
+    from grokking_tracked.tracking.delivery.spool import spool_root_for
+    from grokking_tracked.tracking.store import local_database, sqlite_database
+
+    assert sqlite_database("sqlite:////data/a b/mlflow.db?mode=ro") == "/data/a b/mlflow.db"  # the query is not a path
+    assert sqlite_database("sqlite:///:memory:") is None and sqlite_database("postgresql://h/db") is None
+    assert str(local_database("sqlite:////data/x/mlflow.db?timeout=5")) == "/data/x/mlflow.db"
+    assert spool_root_for("sqlite:////data/x/mlflow.db?timeout=5") == Path("/data/x/.spool")
+    sources = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+               if 'len("sqlite:///")' in path.read_text()]
+    assert sources == []

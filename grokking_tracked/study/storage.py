@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..tracking.redact import redact
-from ..tracking.store import EMBEDDED_STORE_DIR, local_store_dir
+from ..tracking.store import EMBEDDED_STORE_DIR, local_store_dir, sqlite_database
 from .spec import StudyError, StudySpec, make_pruner, make_sampler
 from ..messages import short_error
 
@@ -50,8 +50,8 @@ def open_storage(url: str, spec: StudySpec,
 
     kwargs: dict[str, Any] = dict(heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
                                   heartbeat_stale_trial_callback=stale)
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if database := sqlite_database(url):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for the lock, not fail
     for attempt in range(SCHEMA_RACE_ATTEMPTS):
         try:

@@ -50,11 +50,26 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def sqlite_database(url: str) -> str | None:
+    """The database file a SQLite URL names (``sqlite:///path/x.db?mode=ro`` -> ``path/x.db``), parsed by SQLAlchemy
+    as MLflow and Optuna parse it; None for another scheme, an in-memory database or a URL SQLAlchemy refuses. Every
+    sqlite path of the package (stores, spools, Optuna storages) goes through here."""
+    if not url.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url  # loaded by mlflow and optuna anyway; not before it is needed
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(url).database
+    except ArgumentError:
+        return None
+    return database if database and database != ":memory:" else None
+
+
 def local_database(uri: str) -> Path | None:
     """The database file of a local SQLite store (``sqlite:///path/x.db`` -> ``path/x.db``); None for anything else."""
-    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
-        return Path(uri[len("sqlite:///"):]).resolve()
-    return None
+    database = sqlite_database(uri)
+    return Path(database).resolve() if database else None
 
 
 def local_store_dir(uri: str) -> Path | None:

@@ -69,8 +69,10 @@ def spool_root_for(tracking_uri: str) -> Path:
     """The spool root of a tracking store (see the module docstring); touches nothing on disk."""
     parts = urlsplit(tracking_uri)
     if parts.scheme == "sqlite":
-        database = tracking_uri[len("sqlite:///"):].split("?", 1)[0] if tracking_uri.startswith("sqlite:///") else ""
-        if database and database != ":memory:":
+        from ..store import sqlite_database  # the one sqlite URL parser (SQLAlchemy's); standard library otherwise
+
+        database = sqlite_database(tracking_uri)
+        if database:
             return Path(database).expanduser().absolute().parent / ".spool"
     if parts.scheme in ("", "file") and tracking_uri:  # the legacy file store: a directory
         return Path(parts.path if parts.scheme else tracking_uri).expanduser().absolute() / ".spool"
