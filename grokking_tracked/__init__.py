@@ -10,7 +10,12 @@ Notebook use mirrors the CLI::
 Attributes load lazily so that ``grokking-tracked --help`` does not import torch or mlflow.
 """
 
+import logging
+
 from .config import Config, ConfigError, preset
+
+# A library prints nothing unasked: its lines go to logging (the CLI shows them on stderr, messages.configure_logging).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["Config", "ConfigError", "preset", "run_experiment", "resume_experiment", "Trainer", "load_model"]
 

@@ -412,7 +412,10 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from .tracking.redact import password_of, remember, remember_argv  # (standard library: --help stays light)
+    from .messages import configure_logging
+    from .tracking.redact import password_of, redact, remember, remember_argv  # (standard library: --help stays light)
+
+    configure_logging(redact)
 
     # every line we print is redacted of these literally too (a storage's error may quote its URL in any form)
     remember_argv(list(sys.argv[1:] if argv is None else argv))

@@ -65,7 +65,7 @@ def test_a_device_index_past_int64_is_one_line():
 
 
 def test_a_local_file_missing_from_the_spool_is_not_blamed_on_the_server(store, tmp_path):
-    from grokking_tracked.tracking.outbox import Outbox, deliver_spool
+    from grokking_tracked.tracking.delivery.outbox import Outbox, deliver_spool
 
     client = MlflowClient(store)
     run_id = client.create_run(client.create_experiment("missing-file")).info.run_id
@@ -119,8 +119,8 @@ def test_load_model_is_quiet_unless_asked(store, tmp_path, capfd):
 
 def test_sync_prints_our_lines_only(mlflow_server, tmp_path):
     """A run whose end (its status) waited in the spool: MLflow's client prints "🏃 View run" when `sync` ends it."""
-    from grokking_tracked.tracking.outbox import Outbox
-    from grokking_tracked.tracking.spool import spool_root_for
+    from grokking_tracked.tracking.delivery.outbox import Outbox
+    from grokking_tracked.tracking.delivery.spool import spool_root_for
 
     server = MlflowClient(mlflow_server)
     run_id = server.create_run(server.create_experiment(f"quiet-sync-{tmp_path.name}")).info.run_id

@@ -37,7 +37,7 @@ from .storage import (count_finished, create_or_load_study, default_storage, gri
                       open_storage, room_for_trials, sweep_stale_trials)
 from .trial import (FAIL_REASON_ATTR, STUDY_NAME_TAG, WORKER_ATTR, Objective, StudyContext,
                     close_stale_trial_run)
-from ..messages import first_line
+from ..messages import configure_logging, first_line
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # a study user attr: the study's parent run, found again by every worker
 STUDY_ROLE = "study"
@@ -204,6 +204,7 @@ def worker_main(settings: StudySettings) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for uri in (settings.storage, settings.tracking_uri):  # as cli.main does: a library's message may quote them
         remember(password_of(uri))
+    configure_logging(redact)
     try:
         optimize(settings, echo=lambda line: print(line, flush=True))
     except (StudyError, KeyboardInterrupt, SystemExit) as exc:

@@ -13,9 +13,9 @@ What a server says is never trusted as a local path:
 
 from __future__ import annotations
 
+import logging
 import json
 import re
-import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -58,7 +58,7 @@ class RunArtifacts:
 
     def checkpoints(self, warn=None) -> list[tuple[int, str]]:
         """(step, artifact path) of every checkpoint, by step; other files are skipped with a warning."""
-        warn = warn or (lambda message: print(message, file=sys.stderr))
+        warn = warn or logging.getLogger(__name__).warning
         found = []
         for info in self.list(CHECKPOINT_DIR):
             name = info.path.rsplit("/", 1)[-1]
@@ -96,7 +96,7 @@ class RunArtifacts:
             try:
                 return load_checkpoint(self.download(artifact, Path(scratch) / f"step_{step}"))
             except CheckpointError as exc:
-                print(f"grokking-tracked: skipping {artifact}: {exc}", file=sys.stderr)
+                logging.getLogger(__name__).warning(f"skipping {artifact}: {exc}")
         raise TrackingError(f"run {self.run_id} has no loadable checkpoint to resume from")
 
 

@@ -10,10 +10,10 @@ entry of the outbox, so a run is never reported finished before its data is on t
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -64,7 +64,8 @@ def delivery_wait() -> float:
 
 
 def _stderr_line(line: str) -> None:
-    print(f"grokking-tracked: {line}", file=sys.stderr, flush=True)
+    """The default echo: a log line (the CLI shows it on stderr as ``grokking-tracked: <line>``)."""
+    logging.getLogger(__name__).warning(line)
 
 
 MISSING_FILES_TAG = "grokking_tracked.missing.{path}"  # files a run lacks, and why (e.g. figures: interrupted)

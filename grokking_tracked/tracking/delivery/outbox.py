@@ -40,12 +40,12 @@ Durable against process death, not an OS crash: entries are not fsync()ed (that 
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import errno
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -73,7 +73,8 @@ DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile"
 
 
 def _default_echo(line: str) -> None:
-    print(f"grokking-tracked: {line}", file=sys.stderr, flush=True)
+    """A log line (the CLI shows it on stderr as ``grokking-tracked: <line>``)."""
+    logging.getLogger(__name__).warning(line)
 
 
 class OutboxClosed(RuntimeError):
