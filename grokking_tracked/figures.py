@@ -173,10 +173,10 @@ def attention_grid(model, p: int, layer: int = 0):
     """(heads, a, b) numpy array: attention paid by the "=" position to operand a over the whole (a, b) grid,
     read from ``blocks.{layer}.attn.hook_pattern`` with ``run_with_cache``."""
     import torch
-    from einops import rearrange
     from transformer_lens.utilities import get_act_name
 
     from .data import all_pairs
+    from .model import attention_from_equals
 
     tokens, _ = all_pairs(p, "add")  # every (a, b) pair in row-major order, whatever the model's task
     device = next(model.parameters()).device
@@ -185,12 +185,11 @@ def attention_grid(model, p: int, layer: int = 0):
         # on p = 59 the grid costs a third of a full forward, paid per trial on a study worker's critical path)
         _, cache = model.run_with_cache(tokens.to(device), last_only=True,
                                         names_filter=get_act_name("pattern", layer))
-    to_a = cache[get_act_name("pattern", layer)][:, :, -1, 0].cpu()  # (pairs, head): "=" attends to a
-    return rearrange(to_a, "(a b) head -> head a b", a=p, b=p).numpy()
+    return attention_from_equals(cache, p, layer)[:, 0].cpu().numpy()  # "=" attends to a
 
 
 @styled
-def attention_figure(grid, layer: int = 0, title: str = "") -> Figure:
+def attention_at_step_figure(grid, layer: int = 0, title: str = "") -> Figure:
     """Per head, the attention from "=" to a over the (a, b) grid: a generalising model shows periodic stripes
     (Nanda et al. 2023), a memorising one noise."""
     n_heads = grid.shape[0]
@@ -206,7 +205,7 @@ def attention_figure(grid, layer: int = 0, title: str = "") -> Figure:
 
 
 @styled
-def spectrum_figure(norms: Sequence[float], keys: Sequence[int], step: int) -> Figure:
+def spectrum_at_step_figure(norms: Sequence[float], keys: Sequence[int], step: int) -> Figure:
     """The embedding's norm per Fourier frequency at one checkpoint, the run's key frequencies highlighted."""
     fig, ((ax,),) = new_figure(1, 1, figsize=(8, 3.4), margins=dict(left=0.08, right=0.98, bottom=0.16, top=0.86))
     frequencies = range(1, len(norms) + 1)
@@ -215,10 +214,6 @@ def spectrum_figure(norms: Sequence[float], keys: Sequence[int], step: int) -> F
            title=f"Embedding Fourier spectrum at step {step:,} (key frequencies {list(keys)} in colour)")
     ax.grid(axis="x", visible=False)
     return fig
-
-
-def attention_heatmap(model, p: int, layer: int = 0) -> Figure:
-    return attention_figure(attention_grid(model, p, layer), layer)
 
 
 @styled
@@ -249,7 +244,7 @@ def save_run_figures(directory: str | Path, history: Sequence[tuple[int, dict]],
     where the run read the live measures (progress_every > 0)."""
     directory = Path(directory)
     figures = [("learning_curves", learning_curves(history, events, title)), ("norms", norm_curves(history, events)),
-               ("attention", attention_figure(grid))]
+               ("attention", attention_at_step_figure(grid))]
     if any("softmax_collapse" in metrics for _, metrics in history):
         figures.append(("stability", stability_curves(history, events)))
     return [save_figure(figure, directory / f"{name}.png") for name, figure in figures]

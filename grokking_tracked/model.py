@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import get_act_name
 
 from .config import Config
 
@@ -202,3 +203,11 @@ class GrokkingTransformer(HookedRootModule):
             resid = block(resid, last_only=last_only and i == last, table=table if i == 0 else None)
         logits = self.unembed(self.ln_final(resid))
         return logits[:, -1] if last_only else logits
+
+
+def attention_from_equals(cache, p: int, layer: int = 0) -> torch.Tensor:
+    """The attention the "=" position pays to a and to b over the (a, b) grid, from a cache of the p² pairs
+    [a, b, =] in row-major (a, b) order: (heads, 2 [to a, to b], a, b), float. The one reading of it: the run's
+    attention figure and ``analyze`` both use this."""
+    pattern = cache[get_act_name("pattern", layer)]  # (pairs, head, query, key)
+    return rearrange(pattern[:, :, -1, :2], "(a b) h k -> h k a b", a=p, b=p).float()

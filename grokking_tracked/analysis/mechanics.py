@@ -8,10 +8,9 @@ checkpoints costs linear time and constant memory.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
-from transformer_lens.utilities import get_act_name
 
 from ..metrics import cross_entropy_high_precision
+from ..model import attention_from_equals  # noqa: F401 - analyze reads it here
 
 NEAR_ZERO = 1e-6  # |x| below this counts as zero for sparsity (ReLU outputs are exactly 0)
 
@@ -26,12 +25,6 @@ def grid_tokens(p: int) -> torch.Tensor:
 def forward_with_cache(model, p: int):
     """Full forward over the (a, b) grid with every hook cached: (logits (p·p, 3, p), ActivationCache)."""
     return model.run_with_cache(grid_tokens(p))
-
-
-def attention_from_equals(cache, p: int, layer: int = 0) -> torch.Tensor:
-    """Attention of the "=" position to a and to b over the (a, b) grid: (heads, 2 [to a, to b], a, b)."""
-    pattern = cache[get_act_name("pattern", layer)]  # (batch, head, query, key)
-    return rearrange(pattern[:, :, -1, :2], "(a b) h k -> h k a b", a=p, b=p).float()
 
 
 def attention_summary(grid: torch.Tensor, previous: torch.Tensor | None) -> dict[str, dict[str, float]]:

@@ -95,7 +95,7 @@ def progress_figure(records, history, keys, events: Sequence[dict] = ()) -> Figu
 
 
 @styled
-def spectrum_figure(records, final, keys) -> Figure:
+def spectrum_over_checkpoints_figure(records, final, keys) -> Figure:
     """Embedding norm per frequency over the checkpoints, and the final spectra of W_E and W_L with the rule."""
     import torch
 
@@ -126,7 +126,7 @@ def spectrum_figure(records, final, keys) -> Figure:
 
 
 @styled
-def attention_figure(heatmaps) -> Figure:
+def attention_over_checkpoints_figure(heatmaps) -> Figure:
     """Attention from "=" to a over the (a, b) grid, per head (columns) at three checkpoints (rows)."""
     steps = sorted(heatmaps)
     n_heads = next(iter(heatmaps.values())).shape[0]

@@ -114,9 +114,9 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
         if i in heatmap_at:
             heatmaps[step] = grid
         if step_images is not None:  # per-step snapshots for the MLflow UI's step slider
-            run_figures.save_figure(run_figures.attention_figure(grid[:, 0].numpy(), title=f"step {step:,}"),
+            run_figures.save_figure(run_figures.attention_at_step_figure(grid[:, 0].numpy(), title=f"step {step:,}"),
                                     Path(step_images) / f"attention_step_{step:07d}.png")
-            run_figures.save_figure(run_figures.spectrum_figure(reading.embedding_freq_norms, keys, step),
+            run_figures.save_figure(run_figures.spectrum_at_step_figure(reading.embedding_freq_norms, keys, step),
                                     Path(step_images) / f"fourier_spectrum_step_{step:07d}.png")
         attention = mechanics.attention_summary(grid, previous_grid)
         activations = mechanics.activation_stats(cache)
@@ -147,8 +147,8 @@ def analyze_checkpoints(checkpoints: list[tuple[int, Path]], out_dir: Path, hist
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = [plots.save(fig, out_dir / name) for name, fig in (
         ("progress_measures.png", plots.progress_figure(records, history, keys, found_events)),
-        ("fourier_spectrum.png", plots.spectrum_figure(records, final, keys)),
-        ("attention_patterns.png", plots.attention_figure(heatmaps)),
+        ("fourier_spectrum.png", plots.spectrum_over_checkpoints_figure(records, final, keys)),
+        ("attention_patterns.png", plots.attention_over_checkpoints_figure(heatmaps)),
         ("attention_change.png", plots.attention_change_figure(records)),
         ("activation_stats.png", plots.activations_figure(records)),
         ("gradient_flow.png", plots.gradients_figure(records)),
