@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from .config import MODEL_SHAPE_FIELDS, TASK_FIELDS, Config
 from .data import all_pairs, make_dataset
-from .detect import GrokDetector
+from .detect import GrokDetector, detector_for
 from .metrics import EVAL_METRICS, per_example_loss, split_metrics, weight_and_grad_norms
 from .model import GrokkingTransformer
-from .train import (Callback, TrainResult, checkpoint_reasons, checkpoint_state, default_threads, make_detector,
+from .train import (Callback, TrainResult, checkpoint_reasons, checkpoint_state, default_threads,
                     planned_stop, resolve_device, torch_threads)
 
 # What every member of one stack must share: one task, one architecture, one device, one evaluation cadence.
@@ -140,7 +140,7 @@ class LockstepTrainer:
             own = list(member_callbacks[k]) if member_callbacks is not None else []
             self.members.append(LockstepMember(
                 trainer=self, index=k, config=config, model=GrokkingTransformer(config).to(self.device),
-                train_index=train_index.to(self.device), detector=make_detector(config),
+                train_index=train_index.to(self.device), detector=detector_for(config),
                 callbacks=[*callbacks, *own]))
 
         self.optimizer = torch.optim.AdamW(

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import LOSSES  # noqa: F401 - the loss names, with the sources of each
+from .metrics import per_example_loss
 # The live measures this module adds to the progress section (their MLflow names: progress/<name>).
 STABILITY_METRICS = ("softmax_collapse", "nlm_cosine", "logit_scale")
 
@@ -46,19 +46,19 @@ def log_stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.log(stablemax(logits, dim=dim))
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str = "softmax") -> torch.Tensor:
+def training_loss_per_example(logits: torch.Tensor, labels: torch.Tensor, loss: str = "softmax") -> torch.Tensor:
     """Each example's loss: logits (..., N, classes), labels (N,) or (..., N) -> (..., N) float64.
 
     ``softmax``: cross-entropy with the log-softmax in float64 (this project's default, as TransformerLens's grokking
     demo); ``softmax32``: the log-softmax in float32 (Prieto et al.'s default ``cross_entropy_float32``, the one that
     collapses), returned as float64; ``stablemax``: StableMax cross-entropy in float64 (their
     ``stablemax_cross_entropy``)."""
+    if loss == "softmax":
+        return per_example_loss(logits, labels)  # metrics.py's, the one every evaluation reports
     if loss == "stablemax":
         log_probs = log_stablemax(logits.to(torch.float64))
-    elif loss == "softmax32":
+    else:  # softmax32
         log_probs = logits.to(torch.float32).log_softmax(dim=-1)
-    else:
-        log_probs = logits.to(torch.float64).log_softmax(dim=-1)
     picked = log_probs.gather(-1, labels.expand(logits.shape[:-1])[..., None]).squeeze(-1)
     return -picked.to(torch.float64)
 

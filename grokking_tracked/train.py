@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CHECKPOINT_FORMAT, checkpoint_state  # noqa: F401 - their home is the core module
+from .checkpoints import checkpoint_state  # the format lives in the core checkpoint module
 from .config import Config, ConfigError, TrainingStopped  # noqa: F401 - beside the user-facing errors
 from .data import MinibatchSampler, ModularData, curriculum_order, make_dataset, sampler_seed
 from .detect import GrokDetector, detector_for, step_of
@@ -29,8 +29,7 @@ from .metrics import (EVAL_METRICS, cross_entropy_high_precision, per_example_lo
                       weight_and_grad_norms)
 from .model import GrokkingTransformer
 from .optim import GrokfastEMA, make_optimizer, make_scheduler, weight_decay_at
-from .stability import STABILITY_METRICS, stability_measures
-from .stability import per_example_loss as loss_per_example
+from .stability import STABILITY_METRICS, stability_measures, training_loss_per_example
 
 THREADS_ENV = "GROKKING_TORCH_THREADS"
 # Why a training ended: it generalised (and trained its stop margin), it used its step budget, or a callback
@@ -173,8 +172,6 @@ class TrainResult:
         return self.step_of("generalization") is not None
 
 
-make_detector = detector_for  # the one config -> detector mapping lives beside the events (detect.py)
-
 
 def planned_stop(config: Config, detector: GrokDetector) -> int:
     """The step training ends at: max_steps, or, with stop_on_grok, stop_margin steps after the ``stop_after``
@@ -210,7 +207,7 @@ class Trainer:
         self.model = GrokkingTransformer(config).to(self.device, getattr(torch, config.dtype))
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.scheduler = make_scheduler(self.optimizer, config)
-        self.detector = make_detector(config)
+        self.detector = detector_for(config)
         self.grokfast = GrokfastEMA(config.grokfast_alpha, config.grokfast_lambda) if config.grokfast_lambda else None
         self.history: list[tuple[int, dict[str, float]]] = []
         self.step = 0
@@ -243,7 +240,7 @@ class Trainer:
         """The training loss of ``config.loss`` (stability.py); the default is the float64 softmax cross-entropy."""
         if self.config.loss == "softmax":
             return cross_entropy_high_precision(logits, labels)
-        return loss_per_example(logits, labels, self.config.loss).mean()
+        return training_loss_per_example(logits, labels, self.config.loss).mean()
 
     def active_train_examples(self, step: int) -> int:
         if not self.config.curriculum:

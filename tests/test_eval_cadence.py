@@ -11,7 +11,8 @@ import torch
 
 from grokking_tracked.config import ConfigError, preset
 from grokking_tracked.detect import GrokDetector
-from grokking_tracked.train import Callback, Trainer, TrainingStopped, make_detector
+from grokking_tracked.detect import detector_for
+from grokking_tracked.train import Callback, Trainer, TrainingStopped
 
 
 def small(**overrides):
@@ -77,7 +78,7 @@ def test_detection_events_keep_their_rules_on_the_recorded_history():
     thresholds = dict(memorization_threshold=0.2, generalization_threshold=0.03, max_steps=150)
     batches = Trainer(small(**thresholds), progress=False).train()
     full = Trainer(small(**thresholds, train_metrics_from_batches=False), progress=False).train()
-    replay = make_detector(small(**thresholds))
+    replay = detector_for(small(**thresholds))
     for step, metrics in batches.history:
         replay.update(step, metrics)
     assert replay.events == batches.events

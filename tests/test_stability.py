@@ -14,8 +14,8 @@ import torch
 from grokking_tracked.cli import main
 from grokking_tracked.config import Config, ConfigError, preset
 from grokking_tracked.optim import OrthoAdamW, orthogonalize_gradients_
-from grokking_tracked.stability import (STABILITY_METRICS, nlm_cosine, per_example_loss, softmax_collapse_fraction,
-                                        stablemax)
+from grokking_tracked.stability import (STABILITY_METRICS, nlm_cosine, softmax_collapse_fraction,
+                                        stablemax, training_loss_per_example)
 from grokking_tracked.tracking.names import to_mlflow
 from grokking_tracked.train import Trainer
 
@@ -27,7 +27,7 @@ def test_stablemax_sums_to_one_and_equals_its_definition():
     probs = stablemax(z.double())
     assert torch.allclose(probs, s / s.sum(-1, keepdim=True), rtol=0, atol=1e-15)
     assert torch.allclose(probs.sum(-1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-15)
-    loss = per_example_loss(z, torch.tensor([2, 0]), "stablemax")
+    loss = training_loss_per_example(z, torch.tensor([2, 0]), "stablemax")
     assert loss.dtype == torch.float64  # computed in float64, as their stablemax_cross_entropy
     assert loss.tolist() == pytest.approx([-math.log(3 / 4.5), -math.log(0.25 / (0.25 + 1 / 1.5 + 1.25))], abs=1e-12)
 
@@ -44,12 +44,12 @@ def test_collapse_fraction_on_logits_scaled_until_float32_rounds_them():
     # Collapsed under a float32 softmax loss (their baseline): the loss is exactly 0 and the correct class's gradient
     # p_y - 1 exactly zero, not small (the other classes keep their tiny p_j).
     collapsed = logits[4:].clone().requires_grad_()
-    losses = per_example_loss(collapsed, torch.zeros(4, dtype=torch.long), "softmax32")
+    losses = training_loss_per_example(collapsed, torch.zeros(4, dtype=torch.long), "softmax32")
     losses.sum().backward()
     assert losses.tolist() == [0.0] * 4 and torch.count_nonzero(collapsed.grad[:, 0]) == 0
     # ... while the float64 loss (this project's default) still pulls the correct class up at scales 17 and 20.
     live = logits[4:6].clone().requires_grad_()
-    losses = per_example_loss(live, torch.zeros(2, dtype=torch.long), "softmax")
+    losses = training_loss_per_example(live, torch.zeros(2, dtype=torch.long), "softmax")
     losses.sum().backward()
     assert torch.all(losses > 0) and torch.all(live.grad[:, 0] < 0)
 
