@@ -40,7 +40,7 @@ SPANS = [250, 400, 600]  # onset -> generalisation of the study's earlier trials
 
 
 def test_a_late_grokker_is_not_pruned():
-    decisions = replay(history(**LATE), LATE_EVENTS, 2000, 50, SPANS)
+    decisions = replay(history(**LATE), LATE_EVENTS, 2000, 50, SPANS, loss="softmax32")
     assert decisions and not any(d.prune for _, d in decisions)
     assert decisions[-1][0] == 1700 and decisions[-1][1].rule == "onset"  # reported until it generalised at 1,750
     assert {d.rule for _, d in decisions} == {"waiting", "onset"}
@@ -49,7 +49,7 @@ def test_a_late_grokker_is_not_pruned():
 
 def test_a_never_memoriser_is_pruned_with_its_reason():
     never = dict(LATE, train_acc=lambda s: 0.4, weight_norm=lambda s: 40.0, collapse=lambda s: 0.0)
-    decisions = replay(history(**never), [], 2000, 50, SPANS)
+    decisions = replay(history(**never), [], 2000, 50, SPANS, loss="softmax32")
     step, last = decisions[-1]
     assert last.prune and last.rule == "not_memorized" and step == 600  # the first report at 0.3 x 2,000
     assert "not memorised by step 600" in last.reason and "train accuracy 0.400" in last.reason
@@ -59,21 +59,24 @@ def test_a_never_memoriser_is_pruned_with_its_reason():
 def test_collapse_with_a_rising_weight_norm_is_pruned():
     # No weight decay (Prieto et al.'s baseline): memorised, then the weights grow and float32 softmax collapses.
     stuck = dict(LATE, test_acc=lambda s: 0.02, weight_norm=lambda s: 40 + s / 10)
-    decisions = replay(history(**stuck), LATE_EVENTS[:1], 2000, 50, SPANS)
+    decisions = replay(history(**stuck), LATE_EVENTS[:1], 2000, 50, SPANS, loss="softmax32")
     step, last = decisions[-1]
     assert last.prune and last.rule == "collapse" and step == 750  # 0.3 x 2,000 steps after memorising at 150
     assert "softmax collapse 0.95" in last.reason and "weight norm still rising" in last.reason
     # The same collapse with the weight norm falling (weight decay at work) is the late grokker: kept.
-    assert not any(d.prune for _, d in replay(history(**LATE), LATE_EVENTS[:1], 2000, 50, []))
+    assert not any(d.prune for _, d in replay(history(**LATE), LATE_EVENTS[:1], 2000, 50, [], loss="softmax32"))
+    # A float64 loss keeps learning from pairs whose float32 softmax reads 1.0: the rule does not read the fraction.
+    decisions = replay(history(**stuck), LATE_EVENTS[:1], 2000, 50, [], loss="softmax")
+    assert not any(d.prune for _, d in decisions) and {d.rule for _, d in decisions} == {"waiting"}
 
 
 def test_no_time_left_for_the_delay_this_study_has_seen():
     no_onset = dict(LATE, collapse=lambda s: 0.0, test_acc=lambda s: 0.02)
-    decisions = replay(history(**no_onset), LATE_EVENTS[:1], 2000, 50, SPANS)
+    decisions = replay(history(**no_onset), LATE_EVENTS[:1], 2000, 50, SPANS, loss="softmax32")
     step, last = decisions[-1]
     assert last.prune and last.rule == "no_time" and step == 1900  # 100 steps left < 0.5 x 250 (the quickest span)
     assert "the quickest onset -> generalisation span of 3 finished trials" in last.reason
-    assert not any(d.prune for _, d in replay(history(**no_onset), LATE_EVENTS[:1], 2000, 50, SPANS[:2]))  # < 3
+    assert not any(d.prune for _, d in replay(history(**no_onset), LATE_EVENTS[:1], 2000, 50, SPANS[:2], loss="softmax32"))  # < 3
 
 
 def test_decide_without_signals_keeps_and_rules_refuse_bad_values():
@@ -92,11 +95,12 @@ def test_onset_spans_read_finished_trials_events():
 
 
 def test_a_real_training_history_replays():
-    """A real tiny run that generalises within its budget is never pruned on its own history."""
-    config = Config(p=23, d_model=32, d_mlp=64, max_steps=300, eval_every=10, progress_every=50, train_frac=0.8)
+    """A real tiny run that generalises within its budget is never pruned on its own history (it generalised at
+    step 330 on an AMD EPYC, below 300 on a Xeon: float rounding differs; the budget leaves room for both)."""
+    config = Config(p=23, d_model=32, d_mlp=64, max_steps=800, eval_every=10, progress_every=50, train_frac=0.8)
     result = Trainer(config, progress=False).train()
     assert result.grokked
-    decisions = replay(result.history, result.events, config.max_steps, 20, [])
+    decisions = replay(result.history, result.events, config.max_steps, 20, [], loss=config.loss)
     assert not any(d.prune for _, d in decisions)
 
 

@@ -11,7 +11,9 @@ within its step budget:
 - ``collapse``: memorised, no onset, the softmax-collapse fraction >= ``collapse_at`` and the weight norm still
   rising, ``collapse_patience`` x the budget after memorisation (Prieto et al. 2025: the logits grow along the
   weights until float32 softmax rounds the gradients away; without a force that shrinks the weights the delay does
-  not end). Needs the live measures (``progress_every`` > 0); without a collapse reading the rule never fires;
+  not end). Needs the live measures (``progress_every`` > 0) and a float32 softmax loss (``loss = "softmax32"``,
+  ``COLLAPSE_STALLS_LOSSES``): the float64 losses keep learning past a float32 collapse, so for them, as without a
+  collapse reading, the rule never fires;
 - ``no_time``: no onset yet, and the steps left in the budget are fewer than ``span_fraction`` x the quickest
   onset -> generalisation span this study has seen (at least ``min_spans`` finished trials with both events): even
   an onset now would finish past the budget.
@@ -35,6 +37,11 @@ from optuna.trial import TrialState
 SIGNALS_ATTR = "grokking_signals"  # the trial's latest Signals (a dict), written before each should_prune
 DECISIONS_ATTR = "pruner_decisions"  # each change of rule: [{"step", "prune", "rule", "reason"}, ...]
 KEEP_RULES = ("generalized", "onset", "waiting")
+# The training losses whose gradients the float32 collapse zeroes (Prieto et al. 2025: the collapsed pairs' loss is
+# exactly 0 in float32). ``softmax`` (float64 cross-entropy) and ``stablemax`` (float64) keep learning from pairs
+# whose float32 softmax reads 1.0: measured (benchmarks/pruner_calibration.py), a default-preset trial that grokked
+# had read a collapse fraction of 0.99 first. So the collapse rule reads the fraction for these losses only.
+COLLAPSE_STALLS_LOSSES = ("softmax32",)
 PRUNE_RULES = ("not_memorized", "collapse", "no_time")
 
 
@@ -132,8 +139,13 @@ def decide(signals: Signals, spans: list[int], rules: Rules = Rules()) -> Decisi
     return Decision(False, "waiting", f"{memorized}, no onset yet")
 
 
+def collapse_signal(loss: str, collapse: float | None) -> float | None:
+    """The collapse fraction the pruner reads for a trial trained with ``loss``: None where it does not stall."""
+    return collapse if loss in COLLAPSE_STALLS_LOSSES else None
+
+
 def replay(history: list[tuple[int, dict[str, float]]], events: list[dict], budget: int, report_every: int,
-           spans: list[int], rules: Rules = Rules()) -> list[tuple[int, Decision]]:
+           spans: list[int], rules: Rules = Rules(), *, loss: str) -> list[tuple[int, Decision]]:
     """The decisions the pruner would have taken on a recorded training (its evaluations and detection events),
     reporting as ``trial.PruningCallback`` does: every ``report_every`` steps until generalisation, stopping at the
     first prune."""
@@ -142,7 +154,7 @@ def replay(history: list[tuple[int, dict[str, float]]], events: list[dict], budg
         collapse = metrics.get("softmax_collapse", collapse)
         if step == 0 or step % report_every:
             continue
-        signals = Signals.at(step, budget, metrics, events, previous, collapse)
+        signals = Signals.at(step, budget, metrics, events, previous, collapse_signal(loss, collapse))
         if signals.generalization_step is not None:
             break
         previous = metrics["weight_norm"]

@@ -32,7 +32,7 @@ from ..tracking.drawer import FigureDrawer
 from ..tracking.tracker import MlflowTracker
 from .dashboard import DashboardNotes, link_trial_run
 from .objectives import Outcome, median_value
-from .pruners import DECISIONS_ATTR, SIGNALS_ATTR, Decision, Signals
+from .pruners import DECISIONS_ATTR, SIGNALS_ATTR, Decision, Signals, collapse_signal
 from .spec import StudySpec
 from .storage import GRID_SURPLUS, grid_point_problem, is_surplus, retried_trial_number
 
@@ -208,7 +208,7 @@ class PruningCallback(Callback):
     def _report_signals(self, run, step: int, metrics: dict) -> None:
         """The grokking pruner's inputs (pruners.Signals) as the trial's user attr, read by its ``prune``."""
         signals = Signals.at(step, run.config.max_steps, metrics, run.detector.events, self._previous_weight_norm,
-                             self._collapse)
+                             collapse_signal(run.config.loss, self._collapse))
         self._previous_weight_norm = metrics["weight_norm"]
         self.trial.set_user_attr(SIGNALS_ATTR, dataclasses.asdict(signals))
 
