@@ -13,6 +13,8 @@ pruner reads costs every study the same. Printed per study, read back from its O
 - wall: the study command's wall time; best: the best value; to best: seconds from the first trial's start until a
   trial first reached that best value; to ref: until a trial first reached the no-pruner study's best value of the
   same repetition (or "never");
+- steps: training steps of all its trials; to ref (steps): steps spent, in the order trials finished, until a trial
+  first reached the no-pruner study's best value: the load-independent cost of reaching it;
 - pruned, false prunes: each pruned trial re-trained (in process, untracked) to its full budget with its params;
   a false prune is one that then generalises.
 
@@ -23,6 +25,7 @@ value than no pruner, fewer false prunes than the median pruner) is to be checke
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sqlite3
@@ -101,12 +104,19 @@ def read_study(database: Path) -> list[dict]:
         rows = db.execute("select t.trial_id, t.number, t.state, t.datetime_start, t.datetime_complete, v.value "
                           "from trials t left join trial_values v using (trial_id) order by t.number").fetchall()
         params = db.execute("select trial_id, param_name, param_value, distribution_json from trial_params").fetchall()
+        final_steps = dict(db.execute("select trial_id, value_json from trial_user_attributes "
+                                      "where key = 'final_step'").fetchall())
+        reported = dict(db.execute("select trial_id, max(step) from trial_intermediate_values group by trial_id")
+                        .fetchall())
     by_trial: dict[int, dict] = {}
     for trial_id, name, value, distribution in params:
         # Optuna stores an internal representation: ints and floats as floats, categoricals as choice indices
         by_trial.setdefault(trial_id, {})[name] = (value, distribution)
+    # steps trained: a finished trial's final_step; a pruned one stopped at its last report
+    steps = {trial_id: int(json.loads(final_steps[trial_id])) if trial_id in final_steps
+             else int(reported.get(trial_id) or 0) for trial_id, *_ in rows}
     return [{"id": r[0], "number": r[1], "state": r[2], "start": r[3], "complete": r[4], "value": r[5],
-             "params": by_trial.get(r[0], {})} for r in rows]
+             "params": by_trial.get(r[0], {}), "steps": steps[r[0]]} for r in rows]
 
 
 def external_params(raw: dict) -> dict:
@@ -122,6 +132,19 @@ def seconds_to(trials: list[dict], target: float | None, origin: float) -> float
     reached = [parse_time(t["complete"]) for t in trials
                if t["state"] == "COMPLETE" and t["value"] is not None and t["value"] <= target and t["complete"]]
     return min(reached) - origin if reached else None
+
+
+def steps_to(trials: list[dict], target: float | None) -> int | None:
+    """Training steps spent, over the trials in the order they finished, until a trial first reached ``target``:
+    the load-independent cost of reaching it (wall time on a shared 2-core machine is not)."""
+    if target is None:
+        return None
+    spent = 0
+    for trial in sorted((t for t in trials if t["complete"]), key=lambda t: parse_time(t["complete"])):
+        spent += trial["steps"]
+        if trial["state"] == "COMPLETE" and trial["value"] is not None and trial["value"] <= target:
+            return spent
+    return None
 
 
 def false_prunes(spec_path: Path, trials: list[dict]) -> tuple[int, int]:
@@ -154,8 +177,8 @@ def main() -> None:
     print("machine:", describe(), flush=True)
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(ROOT),
            "GROKKING_TORCH_THREADS": os.environ.get("GROKKING_TORCH_THREADS", "1")}
-    print(f"{'rep':>3} {'pruner':>9} {'wall s':>8} {'best':>8} {'to best s':>9} {'to ref s':>9} {'complete':>8} "
-          f"{'pruned':>6} {'false':>5}", flush=True)
+    print(f"{'rep':>3} {'pruner':>9} {'wall s':>8} {'best':>8} {'to best s':>9} {'to ref s':>9} {'steps':>7} "
+          f"{'to ref':>7} {'complete':>8} {'pruned':>6} {'false':>5}", flush=True)
     for rep in range(args.repetitions):
         reference = None
         for pruner in args.pruners:
@@ -185,7 +208,8 @@ def main() -> None:
                 return "never" if x is None else format(x, fmt)
 
             print(f"{rep:>3} {pruner:>9} {wall:>8.1f} {show(best, '8.0f'):>8} {show(to_best, '9.1f'):>9} "
-                  f"{show(to_ref, '9.1f'):>9} {len(values):>8} {n_pruned:>6} {show(n_false, 'd'):>5}"
+                  f"{show(to_ref, '9.1f'):>9} {sum(t['steps'] for t in trials):>7} "
+                  f"{show(steps_to(trials, reference), 'd'):>7} {len(values):>8} {n_pruned:>6} {show(n_false, 'd'):>5}"
                   f"  (store: {scratch})", flush=True)
     print("machine at the end:", describe())
 
