@@ -10,7 +10,8 @@ import pytest
 
 from conftest import run_cli
 from grokking_tracked.config import Config
-from grokking_tracked.study.pruners import GrokkingPruner, Rules, Signals, decide, onset_spans, replay
+from grokking_tracked.study.pruners import (GrokkingPruner, Rules, Signals, RisingTestLoss, decide, onset_spans,
+                                            replay)
 from grokking_tracked.train import Trainer
 
 optuna = pytest.importorskip("optuna")
@@ -68,6 +69,38 @@ def test_collapse_with_a_rising_weight_norm_is_pruned():
     # A float64 loss keeps learning from pairs whose float32 softmax reads 1.0: the rule does not read the fraction.
     decisions = replay(history(**stuck), LATE_EVENTS[:1], 2000, 50, [], loss="softmax")
     assert not any(d.prune for _, d in decisions) and {d.rule for _, d in decisions} == {"waiting"}
+
+
+def with_test_loss(rows, test_loss):
+    return [(step, dict(metrics, test_loss=test_loss(step))) for step, metrics in rows]
+
+
+def test_a_test_loss_rising_since_memorisation_is_pruned_and_a_short_rise_is_not():
+    """The measured rule (benchmarks/pruner_calibration.py): a never-generalising trial's test loss keeps rising
+    after memorisation; a late grokker's rises for a while, then falls before its onset."""
+    stuck = with_test_loss(history(**dict(LATE, test_acc=lambda s: 0.02, collapse=None)), lambda s: 2 + s / 1000)
+    decisions = replay(stuck, LATE_EVENTS[:1], 2000, 50, [], loss="softmax")
+    step, last = decisions[-1]
+    assert last.prune and last.rule == "test_loss_rising" and step == 650  # 0.25 x 2,000 steps after step 150
+    assert "test loss rising since step 150 (500 steps >= 0.25 of the 2000-step budget" in last.reason
+    assert not any(d.prune for _, d in decisions[:-1])
+    # Rising 150 -> 500 (350 steps < 500), then falling until the onset at 1,500: kept to its generalisation.
+    late = with_test_loss(history(**dict(LATE, collapse=None)),
+                          lambda s: 2 + min(s, 500) / 1000 - max(0, s - 500) / 2000)
+    decisions = replay(late, LATE_EVENTS, 2000, 50, [], loss="softmax")
+    assert decisions and not any(d.prune for _, d in decisions) and decisions[-1][1].rule == "onset"
+    assert not any(d.prune for _, d in replay(stuck, LATE_EVENTS[:1], 2000, 50, [], Rules(rising_for=0.5),
+                                              loss="softmax")[:-1])
+
+
+def test_the_test_loss_rise_starts_at_the_lowest_point_since_memorisation():
+    rise = RisingTestLoss()
+    assert rise.update(100, 1.0, None) is None  # not memorised yet
+    assert rise.update(200, 3.0, 150) == 200
+    assert rise.update(210, 2.0, 150) == 210  # a new low: the rise starts again there
+    assert rise.update(220, 2.5, 150) == 210
+    assert rise.update(230, 2.4, 150) is None  # below the high since the low: not rising now
+    assert rise.update(240, 2.6, 150) == 210
 
 
 def test_no_time_left_for_the_delay_this_study_has_seen():

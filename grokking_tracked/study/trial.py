@@ -32,7 +32,7 @@ from ..tracking.drawer import FigureDrawer
 from ..tracking.tracker import MlflowTracker
 from .dashboard import DashboardNotes, link_trial_run
 from .objectives import Outcome, median_value
-from .pruners import DECISIONS_ATTR, SIGNALS_ATTR, Decision, Signals, collapse_signal
+from .pruners import DECISIONS_ATTR, SIGNALS_ATTR, Decision, Signals, RisingTestLoss, collapse_signal
 from .spec import StudySpec
 from .storage import GRID_SURPLUS, grid_point_problem, is_surplus, retried_trial_number
 
@@ -179,6 +179,8 @@ class PruningCallback(Callback):
         self.pruned_at: int | None = None
         self._previous_weight_norm: float | None = None  # the grokking pruner's signals (pruners.Signals)
         self._collapse: float | None = None
+        self._rise = RisingTestLoss()
+        self._rising_since: int | None = None
         self._decisions: list[dict] = []
 
     def on_train_start(self, run) -> None:
@@ -188,6 +190,7 @@ class PruningCallback(Callback):
         if any(e["event"] == "generalization" for e in events) and self.seconds_to_generalize is None:
             self.seconds_to_generalize = time.perf_counter() - self.started
         self._collapse = metrics.get("softmax_collapse", self._collapse)  # the latest progress reading, any step
+        self._rising_since = self._rise.update(step, metrics.get("test_loss"), run.detector.step_of("memorization"))
         if not self.report or self.spec.pruner == "none" or step == 0 or step % self.spec.report_every:
             return
         if run.detector.step_of("generalization") is not None:
@@ -208,7 +211,7 @@ class PruningCallback(Callback):
     def _report_signals(self, run, step: int, metrics: dict) -> None:
         """The grokking pruner's inputs (pruners.Signals) as the trial's user attr, read by its ``prune``."""
         signals = Signals.at(step, run.config.max_steps, metrics, run.detector.events, self._previous_weight_norm,
-                             collapse_signal(run.config.loss, self._collapse))
+                             collapse_signal(run.config.loss, self._collapse), self._rising_since)
         self._previous_weight_norm = metrics["weight_norm"]
         self.trial.set_user_attr(SIGNALS_ATTR, dataclasses.asdict(signals))
 
