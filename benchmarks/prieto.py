@@ -7,7 +7,8 @@ transformer d_model 128, 4 heads, feed-forward 2048, AdamW betas (0.9, 0.99), we
 Rows, each a change of that preset:
 
 - ``softmax``: the preset itself (their third Figure 6 command);
-- ``orthoadamw``: ``optimizer = "orthoadamw"`` (their first: ``--orthogonal_gradients``);
+- ``orthoadamw``: ``optimizer = "orthoadamw"`` and beta2 0.999 (their first: ``--orthogonal_gradients``; their
+  wrapper builds AdamW without the betas, so the run steps with AdamW's default beta2 0.999);
 - ``stablemax``: ``loss = "stablemax"`` (their StableMax runs are on the MLP of Figures 1 and 4, lr 0.01, beta2
   0.999; here it is put on the same transformer with the preset's lr and betas: a difference kept);
 - ``weight_decay``: ``weight_decay = 1.5`` (their second).
@@ -34,7 +35,8 @@ from grokking_tracked.train import Trainer
 
 ROWS = {
     "softmax": {},
-    "orthoadamw": dict(optimizer="orthoadamw"),
+    # their OrthoGrad wrapper never passes betas to the wrapped AdamW: it steps with AdamW's default (0.9, 0.999)
+    "orthoadamw": dict(optimizer="orthoadamw", beta2=0.999),
     "stablemax": dict(loss="stablemax"),
     "weight_decay": dict(weight_decay=1.5),
 }

@@ -22,7 +22,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 NORMALIZATIONS = ("none", "ln")
 ACTIVATIONS = ("relu", "gelu")
 # "orthoadamw": ⊥AdamW of Prieto et al. 2025 (optim.OrthoAdamW; their orthograd.py wrapping AdamW).
-OPTIMIZERS = ("adamw", "adam", "orthoadamw")
+# "sgd" / "orthosgd": SGD with momentum sgd_momentum, and ⊥SGD (their orthograd.py wrapping SGD; Figure 6's last run).
+OPTIMIZERS = ("adamw", "adam", "orthoadamw", "sgd", "orthosgd")
 # The training loss (stability.py): float64 softmax cross-entropy (ours), float32 softmax cross-entropy (Prieto et
 # al. 2025's default, utils.cross_entropy_float32), StableMax cross-entropy in float64 (their stablemax_cross_entropy).
 LOSSES = ("softmax", "softmax32", "stablemax")
@@ -97,7 +98,7 @@ FIELD_DOMAINS: dict[str, Domain] = {
     "memorization_threshold": Domain(float, 0, 1, low_open=True),
     "generalization_threshold": Domain(float, 0, 1, low_open=True),
     "onset_loss_drop": Domain(float, 0, 1, True, True), "stop_margin": Domain(int, 0, BIG),
-    "progress_every": Domain(int, 0, BIG),
+    "progress_every": Domain(int, 0, BIG), "sgd_momentum": Domain(float, 0, 1, high_open=True),
 }
 
 
@@ -126,13 +127,14 @@ class Config:
     # --- optimisation: AdamW, full batch unless batch_size > 0 ---
     optimizer: str = "adamw"  # "adamw" (decoupled weight decay) or "adam" (weight decay as an L2 gradient term)
     # or "orthoadamw": AdamW on the gradient with its component along each weight tensor removed, rescaled to the
-    # gradient's norm (Prieto et al. 2025's ⊥AdamW, orthograd.py)
+    # gradient's norm (Prieto et al. 2025's ⊥AdamW, orthograd.py); "sgd", or "orthosgd" (⊥SGD, the same projection)
     loss: str = "softmax"  # softmax | softmax32 | stablemax (stability.py; Prieto et al. 2025's utils.py)
     dtype: str = "float32"  # float32 | float64: the model in double precision (Prieto et al. 2025's --train_precision)
     lr: float = 1e-2
     weight_decay: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.98
+    sgd_momentum: float = 0.2  # sgd / orthosgd only: Prieto et al.'s utils.get_optimizer (SGD momentum 0.2)
     max_steps: int = 5000
     eval_every: int = 10
     batch_size: int = 0  # examples per optimizer step, reshuffled every epoch; 0 (or >= the train set): full batch
@@ -216,8 +218,8 @@ class Config:
         # A curriculum grows a prefix of an ordered set; an epoch's shuffle would undo that order.
         need(not (self.curriculum and self.batch_size), "curriculum and batch_size > 0 cannot be combined")
         # Grokfast amplifies the slow gradient and ⊥AdamW removes the radial one: neither paper defines the order.
-        need(not (self.optimizer == "orthoadamw" and self.grokfast_lambda),
-             "optimizer orthoadamw cannot be combined with the Grokfast filter (grokfast_lambda > 0)")
+        need(not (self.optimizer in ("orthoadamw", "orthosgd") and self.grokfast_lambda),
+             f"optimizer {self.optimizer} cannot be combined with the Grokfast filter (grokfast_lambda > 0)")
         need(not (self.dtype == "float64" and self.device == "mps"), "dtype float64 is not supported on device mps")
         need(not self.train_metrics_from_batches or self.batch_size > 0,
              "train_metrics_from_batches needs minibatches (batch_size > 0)")

@@ -65,6 +65,18 @@ class OrthoAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+class OrthoSGD(torch.optim.SGD):
+    """⊥SGD: SGD stepping on the gradient made orthogonal to each weight tensor, as ``OrthoAdamW``."""
+
+    last_nlm_cosine: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.last_nlm_cosine = orthogonalize_gradients_(params)
+        return super().step(closure)
+
+
 def weight_decay_at(config: Config, step: int) -> float:
     """Weight-decay schedule (torch.optim has schedulers for lr only)."""
     if config.wd_schedule == "constant":
@@ -78,6 +90,10 @@ def weight_decay_at(config: Config, step: int) -> float:
 def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
     # fused: one kernel per step for all parameters (CPU and CUDA, float32). "adam" is Grokfast's default
     # (its weight decay is an L2 term added to the gradient, not AdamW's decoupled shrinking).
+    if config.optimizer in ("sgd", "orthosgd"):  # weight decay as torch's SGD has it: an L2 gradient term
+        kind = OrthoSGD if config.optimizer == "orthosgd" else torch.optim.SGD
+        return kind(model.parameters(), lr=config.lr, momentum=config.sgd_momentum,
+                    weight_decay=config.weight_decay)
     kind = {"adam": torch.optim.Adam, "orthoadamw": OrthoAdamW}.get(config.optimizer, torch.optim.AdamW)
     return kind(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                 weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))

@@ -13,7 +13,7 @@ import torch
 
 from grokking_tracked.cli import main
 from grokking_tracked.config import Config, ConfigError, preset
-from grokking_tracked.optim import OrthoAdamW, orthogonalize_gradients_
+from grokking_tracked.optim import OrthoAdamW, OrthoSGD, make_optimizer, orthogonalize_gradients_
 from grokking_tracked.stability import (STABILITY_METRICS, nlm_cosine, softmax_collapse_fraction,
                                         stablemax, training_loss_per_example)
 from grokking_tracked.tracking.names import to_mlflow
@@ -88,6 +88,26 @@ def test_projection_leaves_no_component_along_the_weights():
     assert (p.grad @ torch.tensor([3.0, 4.0], dtype=torch.float64)).abs().item() < 1e-12
 
 
+def test_orthosgd_steps_along_the_projected_gradient():
+    """⊥SGD (their Figure 6's last run: SGD, momentum 0.2): one step moves the weights by -lr x the gradient with
+    its component along the weights removed and its norm kept, computed here by hand."""
+    w0, g = torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    projected = g - (w0 @ g) / (w0 @ w0) * w0
+    projected = projected * g.norm() / projected.norm()
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w0[None])
+    model.weight.grad = g[None].clone()
+    optimizer = make_optimizer(model, Config(optimizer="orthosgd", lr=0.5, weight_decay=0.0), torch.device("cpu"))
+    assert isinstance(optimizer, OrthoSGD) and optimizer.param_groups[0]["momentum"] == 0.2
+    optimizer.step()
+    assert torch.allclose(model.weight.detach()[0], w0 - 0.5 * projected, atol=1e-12)
+    assert (model.weight.grad[0] @ w0).abs().item() < 1e-12  # the step held no component along the weights
+    assert optimizer.last_nlm_cosine.item() == pytest.approx((-(g @ w0) / (g.norm() * w0.norm())).item(), abs=1e-12)
+    plain = make_optimizer(model, Config(optimizer="sgd", lr=0.5, weight_decay=0.0), torch.device("cpu"))
+    assert type(plain) is torch.optim.SGD
+
+
 def test_float64_training_runs_in_float64():
     trainer = Trainer(Config(p=11, d_model=16, d_mlp=32, max_steps=3, eval_every=1, dtype="float64"), progress=False)
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float64}
@@ -100,7 +120,8 @@ def test_float64_training_runs_in_float64():
 
 
 @pytest.mark.parametrize("overrides", [dict(loss="stablemax"), dict(optimizer="orthoadamw", weight_decay=0.0,
-                                                                   loss="softmax32")])
+                                                                   loss="softmax32"),
+                                       dict(optimizer="orthosgd", weight_decay=0.0, lr=0.5)])
 def test_live_measures_on_the_progress_cadence(overrides):
     config = Config(p=11, d_model=16, d_mlp=32, max_steps=20, eval_every=5, progress_every=10, **overrides)
     trainer = Trainer(config, progress=False)
@@ -117,8 +138,9 @@ def test_live_measures_on_the_progress_cadence(overrides):
         logits = trainer.model(trainer.data.train_tokens, last_only=True)
     assert last["softmax_collapse"] == pytest.approx(softmax_collapse_fraction(logits).item(), abs=1e-12)
     assert last["logit_scale"] == pytest.approx(logits.amax(-1).double().mean().item(), rel=1e-5)
-    if config.optimizer == "orthoadamw":  # the raw gradient's, not the projected one (orthogonal by construction)
+    if config.optimizer in ("orthoadamw", "orthosgd"):  # the raw gradient's, not the projected one (orthogonal)
         assert last["nlm_cosine"] == trainer.optimizer.last_nlm_cosine.item()
+    if config.optimizer == "orthoadamw":  # AdamW's small step: the weights after it are nearly those projected on
         assert abs(last["nlm_cosine"]) > 10 * abs(nlm_cosine(list(trainer.model.parameters())).item())
     assert [to_mlflow(name) for name in STABILITY_METRICS] == [f"progress/{name}" for name in STABILITY_METRICS]
 
@@ -133,7 +155,8 @@ def test_default_loss_is_unchanged():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(loss="focal"), "unknown loss 'focal'"), (dict(optimizer="orthosgd"), "unknown optimizer 'orthosgd'"),
+    (dict(loss="focal"), "unknown loss 'focal'"), (dict(optimizer="orthograd"), "unknown optimizer 'orthograd'"),
+    (dict(optimizer="orthosgd", grokfast_lambda=1.0), "orthosgd cannot be combined with the Grokfast filter"),
     (dict(dtype="float16"), "unknown dtype 'float16'"),
     (dict(optimizer="orthoadamw", grokfast_lambda=2.0), "orthoadamw cannot be combined with the Grokfast filter"),
     (dict(dtype="float64", device="mps"), "dtype float64 is not supported on device mps")])
