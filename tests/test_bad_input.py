@@ -94,7 +94,7 @@ RUN_CASES = [
     (["--batch-size", "-1"], "batch_size must be an integer in [0, "),
     (["--curriculum", "--batch-size", "64"], "curriculum and batch_size > 0 cannot be combined"),
     (["--set", "activation=tanh"], "unknown activation 'tanh'"),
-    (["--set", "optimizer=sgd"], "unknown optimizer 'sgd'"),
+    (["--set", "optimizer=lion"], "unknown optimizer 'lion'"),
     (["--set", "nonsense=1"], "unknown config field"),
     (["--set", "lr"], "--set expects FIELD=VALUE"),
     (["--set", "p=abc"], "p expects a int"),

@@ -76,6 +76,24 @@ def test_each_end_sets_state_tag_and_run_status_once(client, context, end, statu
     assert tags.items() <= run_tags.items()
 
 
+def test_an_interrupt_while_delivering_the_end_still_leaves_the_trial_state_on_the_run(client, context, monkeypatch):
+    """Ctrl-C reaches a worker while it waits for its trial's last operations: the run is ended KILLED directly,
+    and its state tag goes with that status, not with the queue left behind (CI saw KILLED beside RUNNING)."""
+    _, trial_run = open_trial(context)
+    outbox = trial_run.run.outbox
+    assert outbox.wait(60)
+    monkeypatch.setattr(outbox, "set_tags", lambda tags: None)  # queued, never delivered: the interrupt came first
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outbox, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trial_run.fail(KeyboardInterrupt())
+    status, tags = status_and_tags(client, trial_run.run.run_id)
+    assert (status, tags["optuna.trial_state"]) == ("KILLED", "FAIL")
+
+
 def test_leaving_the_block_by_an_error_fails_the_trial(client, context):
     _, trial_run = open_trial(context)
     with pytest.raises(ZeroDivisionError):

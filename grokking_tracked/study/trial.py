@@ -109,8 +109,7 @@ class TrialRun:
         if self.state != RUNNING:
             return
         self.state = state
-        self.run.set_tags({TRIAL_STATE_TAG: state, **tags})
-        self.run.end(status, background=background)
+        self.run.end(status, background=background, tags={TRIAL_STATE_TAG: state, **tags})
 
     def complete(self, value, result: TrainResult | bool, tags: dict[str, str] | None = None) -> None:
         """COMPLETE once the run's data is delivered; its figures (drawn elsewhere) and FINISHED follow in the

@@ -241,6 +241,7 @@ class TrackedRun:
         self.status: str | None = None
         self.appends = False  # opened by ``append``: an ended run gets more data, its status is left alone
         self._terminated = False  # a status was set directly (past the outbox)
+        self._closing_tags: dict[str, str] = {}  # the tags given to ``end``: set with a status set directly
         self._later: list[tuple[Future, str]] = []
 
     # ------------------------------------------------------------------ opening
@@ -401,7 +402,7 @@ class TrackedRun:
         self._later.append((files, artifact_path))
 
     # ------------------------------------------------------------------ ending
-    def end(self, status: str, background: bool = False) -> None:
+    def end(self, status: str, background: bool = False, tags: dict[str, str] | None = None) -> None:
         """Release the lease, queue the final status after everything else, and wait (a bounded time, with a
         progress line) until the server has it all; once only.
 
@@ -410,10 +411,15 @@ class TrackedRun:
         the notice is printed instead. Ctrl-C while waiting stops waiting at once and marks the run KILLED.
 
         ``background`` (a study trial): return once everything sent so far is delivered, and let a thread wait for
-        the files still being made, send them and the status (``wait_for_background`` joins those threads)."""
+        the files still being made, send them and the status (``wait_for_background`` joins those threads).
+        ``tags``: queued before the status, and set with it if the status has to be set directly (an interrupt
+        while delivering), so the run never ends without them."""
         if self.status is not None:
             return
         self.status = status
+        if tags:
+            self._closing_tags = redact_values(tags)
+            self.outbox.set_tags(self._closing_tags)
         try:
             if self.lease is not None:
                 self.lease.stop(release=True)
@@ -515,7 +521,7 @@ class TrackedRun:
     def _terminate_promptly(self, status: str, seconds: float = TERMINATE_WAIT_SECONDS) -> None:
         """Set a terminal status directly, giving up after ``seconds`` (the server may be why we stop)."""
         self._terminated = True
-        terminate_within(self.client, self.run_id, status, seconds=seconds)
+        terminate_within(self.client, self.run_id, status, seconds=seconds, tags=self._closing_tags)
 
     def __enter__(self) -> "TrackedRun":
         return self

@@ -85,13 +85,16 @@ TERMINATE_WAIT_SECONDS = 5.0
 
 
 def terminate_within(client, run_id: str, status: str, end_time_ms: int | None = None,
-                     seconds: float = TERMINATE_WAIT_SECONDS) -> bool:
+                     seconds: float = TERMINATE_WAIT_SECONDS, tags: Mapping[str, str] | None = None) -> bool:
     """Set a terminal status directly (past the outbox), waiting at most ``seconds``: the server may be away too,
-    and MLflow's own retries would take minutes. True if the server took it in time."""
+    and MLflow's own retries would take minutes. True if the server took it in time. ``tags``: set first, so a
+    status never reaches the server without the tags that describe it (a trial's state)."""
     done = threading.Event()
 
     def terminate() -> None:
         try:
+            if tags:
+                client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
             client.set_terminated(run_id, status, end_time_ms)
             done.set()
         except Exception:  # noqa: BLE001 - unreachable: the caller's error is the one to report
