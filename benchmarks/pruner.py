@@ -175,6 +175,8 @@ def main() -> None:
     base_seed = next((int(v) for line in dict(sections(base)).get("sampler", [])
                       if key_of(line) == "seed" for v in [line.split("=", 1)[1].split("#")[0].strip()]), 0)
     print("machine:", describe(), flush=True)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(ROOT),
            "GROKKING_TORCH_THREADS": os.environ.get("GROKKING_TORCH_THREADS", "1")}
     print(f"{'rep':>3} {'pruner':>9} {'wall s':>8} {'best':>8} {'to best s':>9} {'to ref s':>9} {'steps':>7} "
