@@ -108,6 +108,8 @@ def read_study(database: Path) -> list[dict]:
                                       "where key = 'final_step'").fetchall())
         reported = dict(db.execute("select trial_id, max(step) from trial_intermediate_values group by trial_id")
                         .fetchall())
+        decisions = dict(db.execute("select trial_id, value_json from trial_user_attributes "
+                                    "where key = 'pruner_decisions'").fetchall())
     by_trial: dict[int, dict] = {}
     for trial_id, name, value, distribution in params:
         # Optuna stores an internal representation: ints and floats as floats, categoricals as choice indices
@@ -116,7 +118,8 @@ def read_study(database: Path) -> list[dict]:
     steps = {trial_id: int(json.loads(final_steps[trial_id])) if trial_id in final_steps
              else int(reported.get(trial_id) or 0) for trial_id, *_ in rows}
     return [{"id": r[0], "number": r[1], "state": r[2], "start": r[3], "complete": r[4], "value": r[5],
-             "params": by_trial.get(r[0], {}), "steps": steps[r[0]]} for r in rows]
+             "params": by_trial.get(r[0], {}), "steps": steps[r[0]],
+             "decisions": json.loads(decisions[r[0]]) if r[0] in decisions else []} for r in rows]
 
 
 def external_params(raw: dict) -> dict:
@@ -148,7 +151,8 @@ def steps_to(trials: list[dict], target: float | None) -> int | None:
 
 
 def false_prunes(spec_path: Path, trials: list[dict]) -> tuple[int, int]:
-    """(pruned trials, of which generalise when re-trained to their full budget)."""
+    """(pruned trials, of which generalise when re-trained to their full budget); prints each false prune with the
+    rule that pruned it (the grokking pruner's) and the step it generalised at."""
     from grokking_tracked.study.spec import load_spec
     from grokking_tracked.train import Trainer
 
@@ -157,7 +161,13 @@ def false_prunes(spec_path: Path, trials: list[dict]) -> tuple[int, int]:
     generalised = 0
     for trial in pruned:
         config = spec.base_config().replace(**external_params(trial["params"]))
-        generalised += Trainer(config, progress=False, threads=1).train().grokked
+        result = Trainer(config, progress=False, threads=1).train()
+        generalised += result.grokked
+        if result.grokked:
+            last = trial["decisions"][-1] if trial["decisions"] else {}
+            print(f"    false prune: trial {trial['number']} pruned after {trial['steps']} steps"
+                  f"{' by ' + last['rule'] + ' (' + last['reason'] + ')' if last else ''}; generalised at "
+                  f"{result.step_of('generalization')} when re-trained", flush=True)
     return len(pruned), generalised
 
 
