@@ -7,6 +7,7 @@ on a developer laptop the tests that need it skip with a reason; under CI=true t
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,13 @@ import requests
 import torch
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# A suite started in the background by a shell without job control (`cmd &`, nohup) inherits SIGINT ignored, and
+# so would every process it spawns: Python then installs no KeyboardInterrupt handler and the Ctrl-C tests' signal
+# is dropped. Restore Python's own handler so the spawned commands start with SIGINT at its default, as from a
+# terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 PG_DSN = dict(host=os.environ.get("PGHOST", "127.0.0.1"), port=int(os.environ.get("PGPORT", "5432")),
               user=os.environ.get("PGUSER", "postgres"))
 
