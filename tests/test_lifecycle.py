@@ -94,6 +94,24 @@ def test_an_interrupt_while_delivering_the_end_still_leaves_the_trial_state_on_t
     assert (status, tags["optuna.trial_state"]) == ("KILLED", "FAIL")
 
 
+def test_an_interrupt_while_delivering_a_completed_trial_tags_it_failed(client, context, monkeypatch):
+    """SIGTERM while a finished trial's run is delivered: the run ends KILLED and Optuna fails the trial, so its
+    state tag says FAIL, not the COMPLETE it was about to send (CI saw KILLED beside COMPLETE)."""
+    _, trial_run = open_trial(context)
+    outbox = trial_run.run.outbox
+    assert outbox.wait(60)
+    monkeypatch.setattr(outbox, "set_tags", lambda tags: None)
+
+    def interrupted(*args, **kwargs):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(outbox, "wait", interrupted)
+    with pytest.raises(SystemExit):
+        trial_run.complete(120.0, RESULT)
+    status, tags = status_and_tags(client, trial_run.run.run_id)
+    assert (status, tags["optuna.trial_state"], trial_run.state) == ("KILLED", "FAIL", "FAIL")
+
+
 def test_leaving_the_block_by_an_error_fails_the_trial(client, context):
     _, trial_run = open_trial(context)
     with pytest.raises(ZeroDivisionError):

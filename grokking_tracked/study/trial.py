@@ -109,7 +109,13 @@ class TrialRun:
         if self.state != RUNNING:
             return
         self.state = state
-        self.run.end(status, background=background, tags={TRIAL_STATE_TAG: state, **tags})
+        try:
+            self.run.end(status, background=background, tags={TRIAL_STATE_TAG: state, **tags},
+                         tags_if_interrupted={TRIAL_STATE_TAG: FAIL, **tags} if state != FAIL else None)
+        except BaseException as error:
+            if not isinstance(error, Exception):  # Ctrl-C/SIGTERM while delivering: run KILLED, Optuna fails the trial
+                self.state = FAIL
+            raise
 
     def complete(self, value, result: TrainResult | bool, tags: dict[str, str] | None = None) -> None:
         """COMPLETE once the run's data is delivered; its figures (drawn elsewhere) and FINISHED follow in the

@@ -242,6 +242,7 @@ class TrackedRun:
         self.appends = False  # opened by ``append``: an ended run gets more data, its status is left alone
         self._terminated = False  # a status was set directly (past the outbox)
         self._closing_tags: dict[str, str] = {}  # the tags given to ``end``: set with a status set directly
+        self._interrupted_tags: dict[str, str] | None = None  # instead of those, when an interrupt ends the run
         self._later: list[tuple[Future, str]] = []
 
     # ------------------------------------------------------------------ opening
@@ -402,7 +403,8 @@ class TrackedRun:
         self._later.append((files, artifact_path))
 
     # ------------------------------------------------------------------ ending
-    def end(self, status: str, background: bool = False, tags: dict[str, str] | None = None) -> None:
+    def end(self, status: str, background: bool = False, tags: dict[str, str] | None = None,
+            tags_if_interrupted: dict[str, str] | None = None) -> None:
         """Release the lease, queue the final status after everything else, and wait (a bounded time, with a
         progress line) until the server has it all; once only.
 
@@ -413,13 +415,16 @@ class TrackedRun:
         ``background`` (a study trial): return once everything sent so far is delivered, and let a thread wait for
         the files still being made, send them and the status (``wait_for_background`` joins those threads).
         ``tags``: queued before the status, and set with it if the status has to be set directly (an interrupt
-        while delivering), so the run never ends without them."""
+        while delivering), so the run never ends without them; ``tags_if_interrupted`` replace them when an
+        interrupt ends the run KILLED instead (a trial about to complete is failed by Optuna then)."""
         if self.status is not None:
             return
         self.status = status
         if tags:
             self._closing_tags = redact_values(tags)
             self.outbox.set_tags(self._closing_tags)
+        if tags_if_interrupted is not None:
+            self._interrupted_tags = redact_values(tags_if_interrupted)
         try:
             if self.lease is not None:
                 self.lease.stop(release=True)
@@ -484,7 +489,7 @@ class TrackedRun:
             delivered = self.outbox.wait(budget, progress)
         except BaseException:  # Ctrl-C (a second one, too) or SIGTERM while waiting: stop now, run KILLED
             self.outbox.close(timeout=1.0)
-            self._terminate_promptly("KILLED")
+            self._terminate_promptly("KILLED", tags=self._interrupted_tags)
             self.echo(f"interrupted while delivering run {self.run_id}; what is left is in "
                       f"{self.outbox.spool_dir} (`grokking-tracked sync` delivers it)")
             raise
@@ -518,10 +523,13 @@ class TrackedRun:
             thread = _BACKGROUND.pop(0)
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _terminate_promptly(self, status: str, seconds: float = TERMINATE_WAIT_SECONDS) -> None:
-        """Set a terminal status directly, giving up after ``seconds`` (the server may be why we stop)."""
+    def _terminate_promptly(self, status: str, seconds: float = TERMINATE_WAIT_SECONDS,
+                            tags: dict[str, str] | None = None) -> None:
+        """Set a terminal status directly, with the closing tags (or ``tags``), giving up after ``seconds`` (the
+        server may be why we stop)."""
         self._terminated = True
-        terminate_within(self.client, self.run_id, status, seconds=seconds, tags=self._closing_tags)
+        terminate_within(self.client, self.run_id, status, seconds=seconds,
+                         tags=self._closing_tags if tags is None else tags)
 
     def __enter__(self) -> "TrackedRun":
         return self
