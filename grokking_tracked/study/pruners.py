@@ -31,8 +31,8 @@ run. ``decide`` is a pure function: the rules are tested on recorded histories (
 
 The other thresholds were checked on the same sample: ``memorize_by`` 0.3 is far from the latest memorisation of a
 trial that generalised (0.05 of the budget), yet under TPE, which goes where weight decay is large, the benchmark
-saw a trial with train accuracy 0.73 at 0.3 of the budget generalise at 0.91 (its one false prune, docs/results.md); ``collapse`` does not apply to that study's float64 loss;
-``no_time`` saves ~1 % there. ``benchmarks/pruner.py`` measures the pruner against no pruner and the median pruner
+saw a trial with train accuracy 0.73 at 0.3 of the budget generalise at 0.91 (its one false prune,
+docs/results.md); ``collapse`` does not apply to that study's float64 loss; ``no_time`` saves ~1 % there. ``benchmarks/pruner.py`` measures the pruner against no pruner and the median pruner
 on studies the thresholds were not chosen on (other sampler seeds): steps and wall time to the best value, false
 prunes.
 """
