@@ -76,18 +76,24 @@ def test_each_end_sets_state_tag_and_run_status_once(client, context, end, statu
     assert tags.items() <= run_tags.items()
 
 
+def interrupt_delivery(trial_run, monkeypatch, signal_error):
+    """The run's next wait for delivery is interrupted (``signal_error``: Ctrl-C or SIGTERM), and the tags queued
+    before it are never delivered: the interrupt came first."""
+    outbox = trial_run.run.outbox
+    assert outbox.wait(60)
+    monkeypatch.setattr(outbox, "set_tags", lambda tags: None)
+
+    def interrupted(*args, **kwargs):
+        raise signal_error()
+
+    monkeypatch.setattr(outbox, "wait", interrupted)
+
+
 def test_an_interrupt_while_delivering_the_end_still_leaves_the_trial_state_on_the_run(client, context, monkeypatch):
     """Ctrl-C reaches a worker while it waits for its trial's last operations: the run is ended KILLED directly,
     and its state tag goes with that status, not with the queue left behind (CI saw KILLED beside RUNNING)."""
     _, trial_run = open_trial(context)
-    outbox = trial_run.run.outbox
-    assert outbox.wait(60)
-    monkeypatch.setattr(outbox, "set_tags", lambda tags: None)  # queued, never delivered: the interrupt came first
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(outbox, "wait", interrupted)
+    interrupt_delivery(trial_run, monkeypatch, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         trial_run.fail(KeyboardInterrupt())
     status, tags = status_and_tags(client, trial_run.run.run_id)
@@ -98,14 +104,7 @@ def test_an_interrupt_while_delivering_a_completed_trial_tags_it_failed(client, 
     """SIGTERM while a finished trial's run is delivered: the run ends KILLED and Optuna fails the trial, so its
     state tag says FAIL, not the COMPLETE it was about to send (CI saw KILLED beside COMPLETE)."""
     _, trial_run = open_trial(context)
-    outbox = trial_run.run.outbox
-    assert outbox.wait(60)
-    monkeypatch.setattr(outbox, "set_tags", lambda tags: None)
-
-    def interrupted(*args, **kwargs):
-        raise SystemExit(143)
-
-    monkeypatch.setattr(outbox, "wait", interrupted)
+    interrupt_delivery(trial_run, monkeypatch, SystemExit)
     with pytest.raises(SystemExit):
         trial_run.complete(120.0, RESULT)
     status, tags = status_and_tags(client, trial_run.run.run_id)
