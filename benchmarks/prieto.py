@@ -19,6 +19,7 @@ generalise, the softmax-collapse fraction at the first progress reading at or af
 reading, test accuracy at the end, the steps trained and the wall time with the load average. Then the table.
 
     python benchmarks/prieto.py [--seeds 42 43] [--rows softmax orthoadamw stablemax weight_decay] [--budget 5000]
+                                [--threads 1]
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--budget", type=int, default=None, help="max steps (default: the preset's 5,000)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads each run trains on (default 1: the seed-42 and seed-43 rows' setting)")
     args = parser.parse_args()
-    print("machine:", describe(), flush=True)
+    torch.set_num_threads(args.threads)
+    print("machine:", describe(), f"(each run trains on {args.threads} thread(s))", flush=True)
     table = []
     for seed in args.seeds:
         for row in args.rows:
@@ -73,7 +77,7 @@ def main() -> None:
             config = preset("prieto2025", **overrides)
             load_before = os.getloadavg()[0]
             started = time.perf_counter()
-            result = Trainer(config, progress=False).train()
+            result = Trainer(config, progress=False, threads=args.threads).train()
             seconds = time.perf_counter() - started
             memorised, generalised = result.step_of("memorization"), result.step_of("generalization")
             at_memorisation = reading_at_or_after(result.history, memorised, "softmax_collapse")
@@ -97,5 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("GROKKING_TORCH_THREADS", "2")))
     main()
