@@ -23,6 +23,11 @@ threads (--threads); the load average is printed before, after and with each com
 command) are printed too.
 
     python benchmarks/grokfast_loop.py [--epochs 20] [--rounds 3] [--threads 1] [--paper-python this]
+
+``--paper-run ROW`` instead runs the paper's loop alone to 95 % validation accuracy (its steps beside ours in
+docs/results.md: does *their* baseline grok here where ours stalls?):
+
+    python benchmarks/grokfast_loop.py --paper-run baseline --seed 0 --epochs 6000   # 60,000 steps
 """
 
 from __future__ import annotations
@@ -56,7 +61,11 @@ def ensure_venv() -> Path:
 
 
 # --------------------------------------------------------------------------------- the paper's loop (venv side)
-def paper_loop(epochs: int, threads: int) -> dict:
+def paper_loop(epochs: int, threads: int, weight_decay: float = 0.005, lamb: float = 2.0, seed: int = 0,
+               stop_at: float | None = None, report_every: int = 0) -> dict:
+    """The paper's loop for ``epochs`` epochs (its EMA command by default; ``lamb`` 0 and ``weight_decay`` 0 are its
+    baseline, ``--filter none``). With ``stop_at``, it stops at the first epoch whose validation accuracy reaches it,
+    as the paper counts steps to 95 %; ``report_every`` > 0 prints the validation accuracy every that many epochs."""
     import math
 
     import torch
@@ -64,7 +73,7 @@ def paper_loop(epochs: int, threads: int) -> dict:
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     p, dim = 97, 128
 
     class Block(nn.Module):
@@ -97,13 +106,14 @@ def paper_loop(epochs: int, threads: int) -> dict:
     data = torch.stack([x, torch.full_like(x, p + 1), y, torch.full_like(x, p), x * y % p])  # (5, N)
     train, valid = data[:, torch.randperm(data.shape[1])].split(data.shape[1] // 2, dim=1)[:2]
     model = Decoder()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.005)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 if update > 10 else update / 10)
     ema: dict | None = None
-    steps = 0
+    steps, reached, valid_acc = 0, None, float("nan")
     started, cpu = time.perf_counter(), time.process_time()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         train = train[:, torch.randperm(train.shape[1])]
+        correct = 0.0
         for chunk, is_train in ((train, True), (valid, False)):
             model.train(is_train)
             for batch in torch.split(chunk, 512, dim=1):
@@ -114,18 +124,28 @@ def paper_loop(epochs: int, threads: int) -> dict:
                 if is_train:
                     model.zero_grad()
                     loss.backward()
-                    if ema is None:
-                        ema = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
-                    for n, q in model.named_parameters():
-                        ema[n] = ema[n] * 0.98 + q.grad.detach() * (1 - 0.98)
-                        q.grad = q.grad + ema[n] * 2.0
+                    if lamb:  # the EMA filter; the paper's --filter none skips it
+                        if ema is None:
+                            ema = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
+                        for n, q in model.named_parameters():
+                            ema[n] = ema[n] * 0.98 + q.grad.detach() * (1 - 0.98)
+                            q.grad = q.grad + ema[n] * lamb
                     optimizer.step()
                     scheduler.step()
                     steps += 1
-                (logits[-1].argmax(-1) == batch[-1]).float().mean().item()
+                accuracy = (logits[-1].argmax(-1) == batch[-1]).float().mean().item()
+                if not is_train:
+                    correct += accuracy * batch.shape[1]
+        valid_acc = correct / valid.shape[1]
+        if report_every and (epoch + 1) % report_every == 0:
+            print(f"  epoch {epoch + 1}, step {steps}: validation accuracy {valid_acc:.4f}, training loss "
+                  f"{loss.item():.3g}, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        if stop_at is not None and valid_acc >= stop_at:
+            reached = steps
+            break
     assert math.isfinite(loss.item())
     return {"steps": steps, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "reached": reached, "valid_acc": valid_acc}
 
 
 # --------------------------------------------------------------------------------- ours (this package)
@@ -163,9 +183,21 @@ def main() -> None:
                         help="interpreter of the paper's loop (default: the isolated venv, created on first use; "
                              "'this': this interpreter without PYTHONPATH: the loop imports torch only)")
     parser.add_argument("--worker", choices=("paper",), help=argparse.SUPPRESS)
+    parser.add_argument("--paper-run", choices=("baseline", "ema", "confound"),
+                        help="instead of timing: run the paper's loop alone, in this interpreter, on one of its three "
+                             "rows (baseline: --filter none, weight decay 0) until 95 %% validation accuracy or "
+                             "--epochs, printing the accuracy every 100 epochs; then one JSON line")
+    parser.add_argument("--seed", type=int, default=0, help="with --paper-run: torch.manual_seed")
     args = parser.parse_args()
     if args.worker == "paper":
         print(json.dumps(paper_loop(args.epochs, args.threads)))
+        return
+    if args.paper_run:
+        weight_decay, lamb = {"baseline": (0.0, 0.0), "ema": (0.005, 2.0), "confound": (0.005, 0.0)}[args.paper_run]
+        print(f"{describe()}; the paper's loop, row {args.paper_run} (weight decay {weight_decay}, lambda {lamb}), "
+              f"seed {args.seed}, at most {args.epochs} epochs, {args.threads} thread(s)", flush=True)
+        print(json.dumps(paper_loop(args.epochs, args.threads, weight_decay, lamb, args.seed, stop_at=0.95,
+                                    report_every=100)))
         return
     python = sys.executable if args.paper_python == "this" else args.paper_python or str(ensure_venv())
     here = Path(__file__).resolve()
