@@ -194,6 +194,9 @@ def main() -> None:
         return
     if args.paper_run:
         weight_decay, lamb = {"baseline": (0.0, 0.0), "ema": (0.005, 2.0), "confound": (0.005, 0.0)}[args.paper_run]
+        import torch  # only to print the threads it trains on (paper_loop sets the same)
+
+        torch.set_num_threads(args.threads)
         print(f"{describe()}; the paper's loop, row {args.paper_run} (weight decay {weight_decay}, lambda {lamb}), "
               f"seed {args.seed}, at most {args.epochs} epochs, {args.threads} thread(s)", flush=True)
         print(json.dumps(paper_loop(args.epochs, args.threads, weight_decay, lamb, args.seed, stop_at=0.95,
