@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from typing import Any
@@ -148,17 +149,30 @@ def phase_rule(spec: StudySpec) -> str:
 
 
 def phase_table(study: optuna.Study):
-    """One row per COMPLETE trial: lr, weight decay, its learning phase and its events' steps."""
+    """One row per COMPLETE trial: lr, weight decay, its learning phase and its events' steps. A seeded trial
+    (``[study] seeds``) adds each seed's phase and delay ("/"-joined, in seed order); its phase is the commonest of
+    its seeds' and its delay the median of the generalising seeds' delays."""
     import pandas as pd
 
-    rows = [{"trial": t.number, "lr": t.params["lr"], "weight_decay": t.params["weight_decay"],
-             "phase": t.user_attrs.get("phase"), "grokking_delay": t.user_attrs.get("grokking_delay"),
-             "memorization_step": t.user_attrs.get("memorization_step"),
-             "generalization_step": t.user_attrs.get("generalization_step"), "final_step": t.user_attrs.get("final_step")}
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "lr" in t.params and "weight_decay" in t.params]
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "lr" not in t.params or "weight_decay" not in t.params:
+            continue
+        attrs = t.user_attrs
+        seed_phases, seed_delays = attrs.get("seed_phases"), attrs.get("seed_grokking_delays")
+        delay = attrs.get("grokking_delay")
+        if seed_delays is not None:
+            generalised = [d for d in seed_delays if d is not None]
+            delay = statistics.median(generalised) if generalised else None
+        rows.append({"trial": t.number, "lr": t.params["lr"], "weight_decay": t.params["weight_decay"],
+                     "phase": attrs.get("phase"), "grokking_delay": delay,
+                     "memorization_step": attrs.get("memorization_step"),
+                     "generalization_step": attrs.get("generalization_step"), "final_step": attrs.get("final_step"),
+                     "seed_phases": "/".join(seed_phases) if seed_phases else None,
+                     "seed_grokking_delays": ("/".join("-" if d is None else str(d) for d in seed_delays)
+                                              if seed_delays is not None else None)})
     columns = ["trial", "lr", "weight_decay", "phase", "grokking_delay", "memorization_step", "generalization_step",
-               "final_step"]
+               "final_step", "seed_phases", "seed_grokking_delays"]
     return pd.DataFrame(rows, columns=columns).sort_values(["lr", "weight_decay"]).reset_index(drop=True)
 
 
@@ -171,23 +185,46 @@ def phase_diagram_figure(table, study_name: str, rule: str = ""):
     """Liu et al. 2022's phase diagram: each trial a square at (weight decay, learning rate), coloured by its
     learning phase; a generalising trial's square carries its delay (generalization - memorization, steps)."""
     fig, ((ax,),) = figures.new_figure(1, 1, figsize=(8, 6.4))
-    for phase in learning_phases.PHASES:
-        group = table[table["phase"] == phase]
-        ax.scatter(group["weight_decay"], group["lr"], marker="s", s=420, color=learning_phases.PHASE_COLORS[phase],
-                   edgecolors="#444444", linewidths=0.5, label=f"{phase} ({len(group)})")
+    seeds = table["seed_phases"].dropna().str.split("/") if "seed_phases" in table else None
+    if seeds is not None and len(seeds) == len(table) and len(table) and (seeds.str.len() == 2).all():
+        _two_seed_squares(ax, table, seeds)
+    else:
+        for phase in learning_phases.PHASES:
+            group = table[table["phase"] == phase]
+            ax.scatter(group["weight_decay"], group["lr"], marker="s", s=420, color=learning_phases.PHASE_COLORS[phase],
+                       edgecolors="#444444", linewidths=0.5, label=f"{phase} ({len(group)})")
     for row in table.itertuples():
         if row.grokking_delay is not None and row.grokking_delay == row.grokking_delay:  # not None, not NaN
             ax.annotate(_compact(row.grokking_delay), (row.weight_decay, row.lr), ha="center", va="center",
                         fontsize=6.5, color="black")
+    median = " (median over the generalising seeds)" if table["seed_phases"].notna().any() else ""
     ax.set(xscale="log", yscale="log", xlabel="weight decay (log scale)", ylabel="learning rate (log scale)",
-           title=f"study {study_name}: learning phases (squares: trials; numbers: steps from memorisation to "
-                 "generalisation)")
+           title=f"study {study_name}: learning phases\n(squares: trials; numbers: steps from memorisation to "
+                 f"generalisation{median})")
     ax.title.set_fontsize(9)
     ax.margins(0.08)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="phase")
+    if ax.get_legend() is None:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="phase")
     if rule:
         fig.supxlabel(rule, fontsize=6.5, wrap=True)
     return fig
+
+
+def _two_seed_squares(ax, table, seeds) -> None:
+    """Two seeds per grid point: the square's left half is the first seed's phase, its right half the second's, so
+    a point where the seeds disagree shows it (matplotlib's split marker fill, ``fillstyle="left"``)."""
+    from matplotlib.lines import Line2D
+
+    colors = learning_phases.PHASE_COLORS
+    for (wd, lr), (first, second) in zip(zip(table["weight_decay"], table["lr"]), seeds):
+        ax.plot([wd], [lr], marker="s", markersize=20, linestyle="none", fillstyle="left", markerfacecolor=colors[first],
+                markerfacecoloralt=colors[second], markeredgecolor="#444444", markeredgewidth=0.5)
+    counts = {phase: sum(s.count(phase) for s in seeds) for phase in learning_phases.PHASES}
+    ax.legend(handles=[Line2D([], [], marker="s", linestyle="none", markersize=9, color=colors[phase],
+                              markeredgecolor="#444444", label=f"{phase} ({counts[phase]} seed runs)")
+                       for phase in learning_phases.PHASES],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="phase (left: seed 1, right: seed 2)",
+              title_fontsize=8)
 
 
 def _log_seed_groups(study: optuna.Study, spec: StudySpec, parent: TrackedRun) -> None:
