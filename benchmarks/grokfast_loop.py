@@ -28,6 +28,10 @@ command) are printed too.
 docs/results.md: does *their* baseline grok here where ours stalls?):
 
     python benchmarks/grokfast_loop.py --paper-run baseline --seed 0 --epochs 6000   # 60,000 steps
+
+``--flops`` instead counts the arithmetic of one epoch on each side (10 optimizer steps and the held-out half's
+evaluation), with torch's own ``FlopCounterMode`` (matrix products, forward and backward): the work ratio bounds
+the speed ratio that exact work reduction can give at equal arithmetic throughput.
 """
 
 from __future__ import annotations
@@ -170,6 +174,34 @@ def timed(command: list[str], env: dict, cwd: str | None = None) -> tuple[float,
     return wall, cpu, out.stdout
 
 
+def count_flops() -> None:
+    """One epoch's FLOPs (torch.utils.flop_counter: matmuls and attention, forward and backward) of the paper's loop
+    and of our Trainer on grokfast2024 with the EMA command: 10 training steps, then the held-out evaluation."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from grokking_tracked.config import preset
+    from grokking_tracked.train import Trainer
+
+    with FlopCounterMode(display=False) as paper:
+        steps = paper_loop(1, torch.get_num_threads())["steps"]
+    trainer = Trainer(preset("grokfast2024", grokfast_lambda=2.0, weight_decay=0.005), progress=False)
+    with FlopCounterMode(display=False) as train:
+        for _ in range(10):
+            trainer.train_step()
+    with FlopCounterMode(display=False) as evaluation:
+        trainer.evaluate()
+    paper_total, ours_total = paper.get_total_flops(), train.get_total_flops() + evaluation.get_total_flops()
+    print(f"{describe()}")
+    print(f"the paper's loop, one epoch ({steps} steps and the validation half): {paper_total / 1e9:.2f} GFLOP, "
+          f"{paper_total / steps / 1e9:.2f} GFLOP a step")
+    print(f"ours, one epoch (10 steps {train.get_total_flops() / 1e9:.2f} GFLOP, the held-out half "
+          f"{evaluation.get_total_flops() / 1e9:.2f} GFLOP): {ours_total / 1e9:.2f} GFLOP, "
+          f"{ours_total / 10 / 1e9:.2f} GFLOP a step")
+    print(f"work ratio, the paper's / ours, per step: x{(paper_total / steps) / (ours_total / 10):.2f}")
+
+
 def load() -> str:
     return "%.2f %.2f %.2f" % os.getloadavg()
 
@@ -188,7 +220,11 @@ def main() -> None:
                              "rows (baseline: --filter none, weight decay 0) until 95 %% validation accuracy or "
                              "--epochs, printing the accuracy every 100 epochs; then one JSON line")
     parser.add_argument("--seed", type=int, default=0, help="with --paper-run: torch.manual_seed")
+    parser.add_argument("--flops", action="store_true", help="count one epoch's FLOPs on each side instead of timing")
     args = parser.parse_args()
+    if args.flops:
+        count_flops()
+        return
     if args.worker == "paper":
         print(json.dumps(paper_loop(args.epochs, args.threads)))
         return
