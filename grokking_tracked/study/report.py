@@ -197,10 +197,11 @@ def phase_diagram_figure(table, study_name: str, rule: str = ""):
         if row.grokking_delay is not None and row.grokking_delay == row.grokking_delay:  # not None, not NaN
             ax.annotate(_compact(row.grokking_delay), (row.weight_decay, row.lr), ha="center", va="center",
                         fontsize=6.5, color="black")
-    median = " (median over the generalising seeds)" if table["seed_phases"].notna().any() else ""
+    seeded = table["seed_phases"].notna().any()
+    numbers = ("median steps from memorisation to generalisation over the seeds that generalised" if seeded
+               else "steps from memorisation to generalisation")
     ax.set(xscale="log", yscale="log", xlabel="weight decay (log scale)", ylabel="learning rate (log scale)",
-           title=f"study {study_name}: learning phases\n(squares: trials; numbers: steps from memorisation to "
-                 f"generalisation{median})")
+           title=f"study {study_name}: learning phases (squares: trials)\nnumbers: {numbers}")
     ax.title.set_fontsize(9)
     ax.margins(0.08)
     if ax.get_legend() is None:
