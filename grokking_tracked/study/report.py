@@ -185,8 +185,8 @@ def phase_diagram_figure(table, study_name: str, rule: str = ""):
     """Liu et al. 2022's phase diagram: each trial a square at (weight decay, learning rate), coloured by its
     learning phase; a generalising trial's square carries its delay (generalization - memorization, steps)."""
     fig, ((ax,),) = figures.new_figure(1, 1, figsize=(8, 6.4))
-    seeds = table["seed_phases"].dropna().str.split("/") if "seed_phases" in table else None
-    if seeds is not None and len(seeds) == len(table) and len(table) and (seeds.str.len() == 2).all():
+    seeds = [phases.split("/") for phases in table["seed_phases"].dropna()]
+    if len(table) and len(seeds) == len(table) and all(len(phases) == 2 for phases in seeds):
         _two_seed_squares(ax, table, seeds)
     else:
         for phase in learning_phases.PHASES:
@@ -197,8 +197,7 @@ def phase_diagram_figure(table, study_name: str, rule: str = ""):
         if row.grokking_delay is not None and row.grokking_delay == row.grokking_delay:  # not None, not NaN
             ax.annotate(_compact(row.grokking_delay), (row.weight_decay, row.lr), ha="center", va="center",
                         fontsize=6.5, color="black")
-    seeded = table["seed_phases"].notna().any()
-    numbers = ("median steps from memorisation to generalisation over the seeds that generalised" if seeded
+    numbers = ("median steps from memorisation to generalisation over the seeds that generalised" if seeds
                else "steps from memorisation to generalisation")
     ax.set(xscale="log", yscale="log", xlabel="weight decay (log scale)", ylabel="learning rate (log scale)",
            title=f"study {study_name}: learning phases (squares: trials)\nnumbers: {numbers}")
